@@ -1,0 +1,124 @@
+"""The `batchscore` command: `score`, `validate` and `demo`.
+
+Flags are generated from `ScoreConfig`'s fields, so every setting a YAML job file can hold is
+also a flag (`top_k` ↔ `--top-k`), and a flag given on the command line wins over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import re
+import sys
+import typing
+from typing import Any
+
+from batchscore.config import ConfigError, ScoreConfig, field_names
+
+EXIT_OK = 0
+EXIT_BAD_JOB = 2  # bad config, inputs or checkpoint: fix the job, do not retry as is
+EXIT_FAILED = 4  # the run failed (infrastructure, output); nothing was committed
+
+log = logging.getLogger("batchscore")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        if args.command == "validate":
+            print(json.dumps(config.to_dict(), indent=2))
+            return EXIT_OK
+        if args.command == "demo":
+            from batchscore import demo
+
+            print(demo.run(config).summary())
+            return EXIT_OK
+        from batchscore import pipeline
+
+        result = pipeline.score(config)
+    except Exception as e:  # noqa: BLE001 - every failure ends as a message and an exit code
+        code = EXIT_BAD_JOB if _is_job_error(e) else EXIT_FAILED
+        log.error("%s: %s", type(e).__name__, e, exc_info=code == EXIT_FAILED)
+        return code
+    print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.summary())
+    return EXIT_OK
+
+
+def _is_job_error(e: Exception) -> bool:
+    from batchscore.listing import ListingError
+    from batchscore.models import ModelError
+
+    return isinstance(e, (ConfigError, ListingError, ModelError))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchscore", description="Batch image classification on Ray Data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("score", "score images into committed Parquet output"),
+                        ("validate", "check a job's config and print it resolved, as JSON"),
+                        ("demo", "score the shipped demo digits with the shipped demo model; print accuracy")):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", help="YAML job file; flags given here override it")
+        if name == "score":
+            p.add_argument("--json", action="store_true", help="print the result as JSON")
+        _add_config_flags(p)
+    return parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(ScoreConfig)
+    helps = _attribute_docs()
+    for f in dataclasses.fields(ScoreConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint, help_ = hints[f.name], helps.get(f.name, "")
+        if hint is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_)
+        elif f.name == "actors":
+            parser.add_argument(flag, metavar="MIN[,MAX]", type=_actors, help=help_)
+        elif typing.get_origin(hint) is tuple:
+            parser.add_argument(flag, nargs="+", metavar=f.name.upper(), help=help_)
+        else:
+            parser.add_argument(flag, type=_scalar_type(hint), metavar=f.name.upper(), help=help_)
+
+
+def config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    overrides: dict[str, Any] = {name: getattr(args, name) for name in field_names()}
+    if args.config:
+        return ScoreConfig.from_yaml(args.config, **overrides)
+    return ScoreConfig().with_overrides(**overrides)
+
+
+def _scalar_type(hint: Any):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType" else hint
+    if typing.get_origin(base) is typing.Literal:
+        return str
+    return {int: int, float: float}.get(base, str)
+
+
+def _actors(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN or MIN,MAX (integers), got {text!r}") from None
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected MIN or MIN,MAX, got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _attribute_docs() -> dict[str, str]:
+    """Help texts from the `Attributes:` section of ScoreConfig's docstring."""
+    doc = (ScoreConfig.__doc__ or "").split("Attributes:", 1)[-1]
+    out: dict[str, str] = {}
+    for m in re.finditer(r"^\s{8}(\w+): (.*?)(?=^\s{8}\w+: |\Z)", doc, re.S | re.M):
+        out[m.group(1)] = " ".join(m.group(2).split()).replace("%", "%%")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

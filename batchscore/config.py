@@ -1,0 +1,215 @@
+"""The one configuration object shared by the CLI, YAML job files, `ray job submit` and Python.
+
+`ScoreConfig` is frozen and typed. It is built from a YAML file (`from_yaml`), a dict
+(`from_dict`) or keyword arguments, and changed only by `with_overrides`, which returns a new
+object. Unknown keys are errors that name the key and the valid ones. Precedence, as in timm:
+explicit flag > YAML file > default here. Its JSON Schema is `schemas/job.schema.json`
+(a test keeps the two in step), and `to_dict()` is what every run writes into its manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says which and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """Everything one scoring run needs.
+
+    Attributes:
+        input: Where the images are: directories (listed recursively, filtered by
+            `extensions`), globs, or single files, as local paths or fsspec URIs.
+        output: The run's output directory (local path or fsspec URI).
+        model: A local Hugging Face checkpoint directory; None uses the demo checkpoint
+            shipped inside the package.
+        top_k: How many labels per image, most probable first; 0 keeps all classes.
+        batch_size: Images per forward pass.
+        dtype: Model dtype; auto = fp16 on CUDA, bf16 on a CPU with native bf16, else fp32.
+        device: auto = CUDA when the actor was given a GPU, else CPU.
+        actors: (min, max) size of the inference actor pool.
+        gpus_per_actor: GPUs per inference actor (fractional allowed); None = 1 when the
+            cluster has GPUs, else 0.
+        cpus_per_actor: CPUs per inference actor, which also sets its torch threads; None =
+            1 with a GPU, else the cluster's CPUs left after one decode task, split over
+            the largest pool.
+        decode_cpus: CPUs per read/decode task. Must differ from the actor's CPUs so Ray
+            does not fuse decode into the model actor.
+        decode_batch_size: Images per read/decode task call.
+        max_image_pixels: Decompression-bomb guard: images declaring more pixels are refused.
+        extensions: File endings kept when an input is a directory (globs and files are
+            taken as given).
+        rows_per_file: Rows per output Parquet part file.
+        overwrite: Replace a committed run in `output` instead of treating the run as done.
+        progress_seconds: Seconds between progress lines in the log.
+    """
+
+    input: tuple[str, ...] = ()
+    output: str = ""
+    model: str | None = None
+    top_k: int = 5
+    batch_size: int = 16
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    decode_cpus: float = 0.5
+    decode_batch_size: int = 32
+    max_image_pixels: int = 89_478_485
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    rows_per_file: int = 100_000
+    overwrite: bool = False
+    progress_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self)
+        self._validate()
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> ScoreConfig:
+        """Builds a config from a mapping, rejecting unknown keys."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(field_names()))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"valid keys are: {', '.join(field_names())}"
+            )
+        try:
+            return cls(**data)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> ScoreConfig:
+        """Reads a YAML job file; `overrides` (e.g. CLI flags) win over the file."""
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        return cls.from_dict(data, where=str(path)).with_overrides(**overrides)
+
+    def with_overrides(self, **overrides: Any) -> ScoreConfig:
+        """Returns a copy with the given non-None settings replaced."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(overrides) - set(field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))}; "
+                f"valid settings are: {', '.join(field_names())}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples as lists), as written into the run manifest."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    # -- validation --------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.dtype in DTYPES, f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(self.device in DEVICES, f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
+        need(self.top_k >= 0, f"top_k: expected 0 (all classes) or a positive number, got {self.top_k}")
+        need(self.batch_size >= 1, f"batch_size: expected a positive number, got {self.batch_size}")
+        need(self.decode_batch_size >= 1, f"decode_batch_size: expected a positive number, got {self.decode_batch_size}")
+        lo, hi = self.actors
+        need(1 <= lo <= hi, f"actors: expected MIN[,MAX] with 1 <= MIN <= MAX, got {lo},{hi}")
+        need(self.gpus_per_actor is None or self.gpus_per_actor >= 0,
+             f"gpus_per_actor: expected a number >= 0, got {self.gpus_per_actor}")
+        need(self.cpus_per_actor is None or self.cpus_per_actor > 0,
+             f"cpus_per_actor: expected a number > 0, got {self.cpus_per_actor}")
+        need(self.decode_cpus > 0, f"decode_cpus: expected a number > 0, got {self.decode_cpus}")
+        need(self.max_image_pixels >= 1, f"max_image_pixels: expected a positive number, got {self.max_image_pixels}")
+        need(self.rows_per_file >= 1, f"rows_per_file: expected a positive number, got {self.rows_per_file}")
+        need(self.progress_seconds > 0, f"progress_seconds: expected a number > 0, got {self.progress_seconds}")
+        need(all(e.startswith(".") for e in self.extensions),
+             f"extensions: expected endings that start with '.', got {list(self.extensions)}")
+
+    def require_io(self) -> None:
+        """Raises unless `input` and `output` are set (they may come from flags, not YAML)."""
+        if not self.input:
+            raise ConfigError("input: expected at least one directory, glob or file; got none")
+        if not self.output:
+            raise ConfigError("output: expected an output directory or URI; got none")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ScoreConfig)]
+
+
+def _coerce_fields(cfg: ScoreConfig) -> None:
+    """Checks each field against its annotation, converting lists to tuples and ints to floats.
+
+    YAML and argparse give lists and strings; the frozen object holds tuples. Anything else
+    that does not match the annotation is a `ConfigError` naming the field.
+    """
+    hints = typing.get_type_hints(ScoreConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        new = _coerce(f.name, value, hints[f.name])
+        if new is not value:
+            object.__setattr__(cfg, f.name, new)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner)
+    if origin is Literal:
+        return value  # checked by _validate against the named choices
+    if origin is tuple:
+        if name == "actors" and isinstance(value, int) and not isinstance(value, bool):
+            value = (value, value)
+        if isinstance(value, str) and name in ("input", "extensions"):
+            value = (value,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is not Ellipsis and len(value) != 2:
+            raise ConfigError(f"{name}: expected two values, got {len(value)}: {list(value)}")
+        item_type = args[0]
+        return tuple(_coerce(name, v, item_type) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled annotation {hint} for {name}")

@@ -1,0 +1,206 @@
+"""Models: resolve a checkpoint reference and read what travels with the weights.
+
+Everything about a model comes from its own files: labels and task from `config.json`,
+preprocessing from `preprocessor_config.json` (resolved through the checkpoint's own
+transformers image-processor class, so defaults and legacy forms such as `"size": 224` mean
+exactly what transformers makes of them), weights from safetensors only. A reference that is
+not an existing directory is an error: batchscore never falls back to a hub download, and
+never runs code shipped with a checkpoint (`trust_remote_code` is never set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "checkpoint"
+
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+# Keys of a preprocessor config that do not change the pixels of a classification input.
+_INERT_PREPROCESSOR_KEYS = {
+    "image_processor_type", "feature_extractor_type", "processor_class", "do_reduce_labels",
+    "do_convert_rgb", "backend",
+}
+_TORCHVISION_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+class ModelError(ValueError):
+    """A checkpoint is missing, unsafe, or not one batchscore can score with."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How raw pixels become the model's input, as the checkpoint defines it.
+
+    Decode applies resize and crop on uint8 pixels; predict applies rescale and normalize on
+    the device. `size` is (height, width) or, with `shortest_edge`, the shortest edge only.
+    """
+
+    size: tuple[int, int] | None
+    shortest_edge: int | None
+    interpolation: str
+    crop: tuple[int, int] | None
+    rescale_factor: float | None
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """The (height, width) of the uint8 array decode hands to predict."""
+        if self.crop:
+            return self.crop
+        if self.size:
+            return self.size
+        raise ModelError("preprocessor config: a shortest_edge resize without a crop gives no fixed input size")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver knows about a checkpoint before any actor loads it."""
+
+    ref: str
+    path: str
+    name: str
+    model_type: str
+    weights_sha256: str
+    labels: tuple[str, ...]
+    multi_label: bool
+    preprocess: PreprocessSpec
+
+    @property
+    def tag(self) -> str:
+        """The `model` column: name and weights hash."""
+        return f"{self.name}@sha256:{self.weights_sha256[:16]}"
+
+
+def resolve(ref: str | None) -> ModelInfo:
+    """Resolves a model reference to a local checkpoint and reads its metadata.
+
+    Args:
+        ref: A local checkpoint directory, or None for the demo checkpoint.
+
+    Raises:
+        ModelError: The directory does not exist, lacks a file, holds only pickle weights,
+            has no classification head, or preprocessing batchscore does not implement.
+    """
+    path = DEMO_CHECKPOINT if ref is None else Path(ref).expanduser()
+    if "://" in str(ref or "") and not str(ref).startswith("file://"):
+        raise ModelError(
+            f"model {ref!r}: only local checkpoint directories are supported in this version; "
+            "copy the checkpoint to a local directory first"
+        )
+    if str(path).startswith("file://"):
+        path = Path(str(path)[len("file://"):])
+    if not path.is_dir():
+        raise ModelError(
+            f"model {ref!r}: expected a local Hugging Face checkpoint directory, but {path} "
+            "does not exist or is not a directory (batchscore never downloads from a hub)"
+        )
+    for needed in ("config.json", "preprocessor_config.json"):
+        if not (path / needed).is_file():
+            raise ModelError(f"model {ref!r}: {needed} is missing from {path}")
+    weights = [path / w for w in _SAFETENSORS if (path / w).is_file()]
+    if not weights:
+        pickles = [w for w in _PICKLE_WEIGHTS if (path / w).is_file()]
+        if pickles:
+            raise ModelError(
+                f"model {ref!r}: only pickle weights found ({', '.join(pickles)}); batchscore loads "
+                "safetensors only. Convert with `model.save_pretrained(dir, safe_serialization=True)`"
+            )
+        raise ModelError(f"model {ref!r}: no model.safetensors in {path}")
+    config = json.loads((path / "config.json").read_text())
+    labels, multi_label = _labels(config, ref)
+    return ModelInfo(
+        ref="<demo>" if ref is None else str(ref),
+        path=str(path.resolve()),
+        name="batchscore-demo-digits" if ref is None else path.resolve().name,
+        model_type=str(config.get("model_type", "?")),
+        weights_sha256=_sha256_weights(path, weights[0]),
+        labels=labels,
+        multi_label=multi_label,
+        preprocess=preprocess_spec(path),
+    )
+
+
+def _labels(config: dict, ref: str | None) -> tuple[tuple[str, ...], bool]:
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForImageClassification") or a.endswith("ForImageClassificationWithTeacher")
+               for a in archs):
+        raise ModelError(
+            f"model {ref!r}: expected a checkpoint with an image-classification head, but its "
+            f"config.json names architectures {archs}; a headless checkpoint would be scored by a "
+            "randomly initialised head"
+        )
+    id2label = config.get("id2label") or {}
+    n = len(id2label)
+    try:
+        labels = tuple(str(id2label[str(i)]) for i in range(n))
+    except KeyError as e:
+        raise ModelError(f"model {ref!r}: config.json id2label is not numbered 0..{n - 1}: missing {e}") from None
+    if n == 0:
+        raise ModelError(f"model {ref!r}: config.json has no id2label")
+    return labels, config.get("problem_type") == "multi_label_classification"
+
+
+def preprocess_spec(path: Path) -> PreprocessSpec:
+    """Reads preprocessing through the checkpoint's own transformers image-processor class."""
+    from transformers import AutoImageProcessor
+
+    raw = json.loads((path / "preprocessor_config.json").read_text())
+    where = f"{path}/preprocessor_config.json"
+    try:
+        proc = AutoImageProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise ModelError(f"{where}: transformers cannot build its image processor: {e}") from e
+    for key in ("do_pad", "do_flip_channel_order"):
+        if raw.get(key) or getattr(proc, key, False):
+            raise ModelError(f"{where}: {key}=true is not implemented by batchscore's decode")
+    if raw.get("crop_pct") is not None:
+        raise ModelError(f"{where}: crop_pct is not implemented by batchscore's decode")
+
+    size = shortest = None
+    if proc.do_resize:
+        s = proc.size
+        if s.height and s.width:
+            size = (int(s.height), int(s.width))
+        elif s.shortest_edge and not s.longest_edge:
+            shortest = int(s.shortest_edge)
+        else:
+            raise ModelError(f"{where}: size {dict(s.__dict__) if hasattr(s, '__dict__') else s} is not implemented; "
+                             "expected height and width, or shortest_edge")
+    crop = None
+    if getattr(proc, "do_center_crop", False):
+        c = proc.crop_size
+        crop = (int(c.height), int(c.width))
+    resample = int(proc.resample) if proc.resample is not None else 2
+    if resample not in _TORCHVISION_INTERPOLATION or resample in (4, 5):
+        raise ModelError(f"{where}: resample={resample} is not implemented; expected 0 (nearest), 1, 2 or 3")
+    spec = PreprocessSpec(
+        size=size,
+        shortest_edge=shortest,
+        interpolation=_TORCHVISION_INTERPOLATION[resample],
+        crop=crop,
+        rescale_factor=float(proc.rescale_factor) if proc.do_rescale else None,
+        mean=tuple(float(v) for v in proc.image_mean) if proc.do_normalize else None,
+        std=tuple(float(v) for v in proc.image_std) if proc.do_normalize else None,
+    )
+    if size is None and shortest is None and crop is None:
+        raise ModelError(f"{where}: neither resize nor crop is set, so images have no fixed size")
+    spec.output_hw  # noqa: B018 - raises when the spec has no fixed output size
+    return spec
+
+
+def _sha256_weights(path: Path, weights: Path) -> str:
+    files = [weights]
+    if weights.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

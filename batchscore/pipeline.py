@@ -1,0 +1,176 @@
+"""The pipeline: the one place where the stages are wired, top to bottom.
+
+    listing → read → decode → predict (+ postprocess) → sink → commit
+
+`build_dataset` wires the Ray Data stages; `score` runs them, streams the results into the
+staged Parquet sink on the driver (exact counts, duplicate and loss checks, progress lines)
+and commits only a complete run.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import platform
+import time
+import uuid
+
+import ray
+
+from batchscore import decode, listing, models, predict, read, sink
+from batchscore.config import ScoreConfig
+from batchscore.progress import Progress
+from batchscore.result import RunResult
+from batchscore.runtime import actor_resources, ensure_ray
+
+log = logging.getLogger("batchscore")
+
+
+def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry]) -> ray.data.Dataset:
+    """The Ray Data plan: rows of {id, labels, probs, error}, one per entry."""
+    resources = actor_resources(config)
+    # read + decode: plain functions in CPU tasks. Same remote args, so Ray fuses them into one
+    # task (bytes stay in the task); different ones from predict, so decode never runs inside
+    # the model actor.
+    ds = read.dataset(entries)
+    ds = ds.map_batches(read.fetch_bytes, batch_size=config.decode_batch_size, num_cpus=config.decode_cpus)
+    ds = ds.map_batches(
+        decode.decode_batch,
+        fn_kwargs={"spec": model.preprocess, "max_image_pixels": config.max_image_pixels},
+        batch_size=config.decode_batch_size,
+        num_cpus=config.decode_cpus,
+    )
+    # predict + postprocess: a pool of actors, each loading the model once.
+    ds = ds.map_batches(
+        predict.Predictor,
+        fn_constructor_kwargs={"model": model, "device": config.device, "dtype": config.dtype,
+                               "top_k": config.top_k},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=config.actors[0], max_size=config.actors[1]),
+        num_cpus=resources.cpus,
+        num_gpus=resources.gpus,
+    )
+    return ds
+
+
+def score(config: ScoreConfig) -> RunResult:
+    """Scores `config.input` into `config.output` and commits the run.
+
+    Returns:
+        The run's result; status "already_committed" (and nothing scored) when the output
+        holds a committed run and `config.overwrite` is off.
+
+    Raises:
+        ConfigError, ListingError, ModelError: bad settings, inputs or checkpoint.
+        SinkError: the output could not be written or the rows do not match the inputs;
+            nothing is committed then.
+    """
+    config.require_io()
+    started = time.monotonic()
+    started_at = _now()
+
+    previous = sink.read_manifest(config.output)
+    if previous is not None and not config.overwrite:
+        log.info("output %s already holds committed run %s", config.output, previous["run_id"])
+        return _result_from_manifest(previous, config.output, "already_committed")
+
+    model = models.resolve(config.model)
+    entries = listing.list_inputs(config.input, config.extensions)
+    listed = time.monotonic()
+    log.info("listed %d inputs in %.2fs; model %s (%s, %d classes)", len(entries), listed - started,
+             model.tag, model.model_type, len(model.labels))
+
+    ensure_ray()
+    ds = build_dataset(config, model, entries)
+
+    run_id = _new_run_id()
+    writer = sink.StagedWriter(config.output, run_id, {"model": model.tag, "run_id": run_id}, config.rows_per_file)
+    progress = Progress(total=len(entries), every_seconds=config.progress_seconds)
+    seen: set[str] = set()
+    errors_by_code: collections.Counter[str] = collections.Counter()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        ids = batch.column("id").to_pylist()
+        seen.update(ids)
+        batch_errors = [e for e in batch.column("error").to_pylist() if e is not None]
+        errors_by_code.update(e.split(":", 1)[0] for e in batch_errors)
+        writer.write(batch)
+        progress.update(len(ids), len(batch_errors))
+    parts = writer.close()
+    scored = time.monotonic()
+    log.info("%s", progress.line())
+
+    _check_rows(entries, seen, sum(p.rows for p in parts))
+    seconds = time.monotonic() - started
+    manifest = {
+        "run_id": run_id,
+        "schema": "batchscore.predictions.v1",
+        "config": config.to_dict(),
+        "model": {"ref": model.ref, "name": model.name, "tag": model.tag, "model_type": model.model_type,
+                  "weights_sha256": model.weights_sha256, "num_labels": len(model.labels),
+                  "preprocess": model.preprocess.__dict__},
+        "counts": {"inputs": len(entries), "rows": progress.done, "scored": progress.done - progress.errors,
+                   "errors": progress.errors, "errors_by_code": dict(errors_by_code)},
+        "files": [p.__dict__ for p in parts],
+        "timings": {"listing_seconds": round(listed - started, 3), "scoring_seconds": round(scored - listed, 3),
+                    "first_row_seconds": round(progress.first_row_seconds or 0.0, 3),
+                    "total_seconds": round(seconds, 3),
+                    "images_per_second": round(progress.done / (scored - listed), 2) if scored > listed else 0.0},
+        "started_at": started_at,
+        "finished_at": _now(),
+        "versions": _versions(),
+    }
+    sink.commit(writer, manifest)
+    return _result_from_manifest(manifest, config.output, "committed")
+
+
+def _check_rows(entries: list[listing.Entry], seen: set[str], rows: int) -> None:
+    """Exactly one row per input, or the run fails before anything is committed."""
+    expected = {e.id for e in entries}
+    if rows != len(expected) or seen != expected:
+        missing, extra = sorted(expected - seen), sorted(seen - expected)
+        raise sink.SinkError(
+            f"expected one row per input ({len(expected)} inputs) but wrote {rows} rows; "
+            f"missing {len(missing)} (e.g. {missing[:3]}), unexpected {len(extra)} (e.g. {extra[:3]}), "
+            f"duplicates {rows - len(seen)}; nothing was committed"
+        )
+
+
+def _result_from_manifest(manifest: dict, output: str, status: str) -> RunResult:
+    from batchscore import fs as fsutil
+
+    counts, timings = manifest["counts"], manifest["timings"]
+    fs, root = fsutil.resolve(output)
+    return RunResult(
+        status=status,
+        run_id=manifest["run_id"],
+        output=output,
+        manifest_uri=fsutil.full_uri(fs, f"{root.rstrip('/')}/{sink.MANIFEST}"),
+        rows=counts["rows"],
+        errors=counts["errors"],
+        errors_by_code=dict(counts["errors_by_code"]),
+        files=tuple(f["name"] for f in manifest["files"]),
+        seconds=timings["total_seconds"],
+        images_per_second=timings["images_per_second"],
+    )
+
+
+def _new_run_id() -> str:
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("batchscore", "ray", "torch", "transformers", "pyarrow", "pillow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "?"
+    return out

@@ -1,0 +1,41 @@
+"""Progress lines for long runs, readable in a non-TTY log (one line every few seconds)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("batchscore")
+
+
+class Progress:
+    def __init__(self, total: int, every_seconds: float):
+        self.total = total
+        self.every = every_seconds
+        self.done = self.errors = 0
+        self.start = time.monotonic()
+        self.first_row_seconds: float | None = None
+        self._last = self.start
+
+    def update(self, rows: int, errors: int) -> None:
+        now = time.monotonic()
+        if self.first_row_seconds is None and rows:
+            self.first_row_seconds = now - self.start
+        self.done += rows
+        self.errors += errors
+        if now - self._last >= self.every:
+            self._last = now
+            log.info("%s", self.line())
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate
+        left = self.total - self.done
+        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"progress: {self.done}/{self.total} images ({pct:.1f}%), {self.errors} errors, "
+                f"{rate:.1f} images/s, eta {eta}")

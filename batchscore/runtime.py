@@ -1,0 +1,61 @@
+"""Ray runtime: connect or start Ray, and size the inference actors from the cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import ray
+
+from batchscore.config import ConfigError, ScoreConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray() -> None:
+    """Connects to the cluster in RAY_ADDRESS (as `ray job submit` sets it) or starts a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # A private local Ray on loopback; the dashboard is off to keep start-up short.
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+    ctx = ray.data.DataContext.get_current()
+    # Ray's bars redraw in place; in a log (non-TTY) batchscore's own progress lines stand instead.
+    ctx.enable_progress_bars = sys.stderr.isatty()
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    cpus: float
+    gpus: float
+
+
+def actor_resources(config: ScoreConfig) -> ActorResources:
+    """CPUs and GPUs for each inference actor, from the config or the cluster's size."""
+    cluster = ray.cluster_resources()
+    has_gpu = cluster.get("GPU", 0) > 0
+    if config.gpus_per_actor is not None:
+        gpus = config.gpus_per_actor
+    else:
+        gpus = 1.0 if has_gpu and config.device != "cpu" else 0.0
+    if config.device == "cuda" and gpus == 0:
+        raise ConfigError(f"device=cuda needs gpus_per_actor > 0; the cluster has {cluster.get('GPU', 0):g} GPUs")
+    if gpus > 0 and not has_gpu:
+        raise ConfigError(f"gpus_per_actor={gpus:g}, but the Ray cluster has no GPU")
+    if config.cpus_per_actor is not None:
+        cpus = config.cpus_per_actor
+    elif gpus > 0:
+        cpus = 1.0
+    else:
+        # CPU inference: the model takes what one decode task leaves, split over the pool.
+        cpus = max(1.0, (cluster.get("CPU", 1.0) - config.decode_cpus) / config.actors[1])
+    if cpus == config.decode_cpus:
+        raise ConfigError(
+            f"cpus_per_actor ({cpus:g}) must differ from decode_cpus ({config.decode_cpus:g}): "
+            "with equal resources Ray fuses decode into the model actor and runs it serially there"
+        )
+    return ActorResources(cpus=cpus, gpus=gpus)

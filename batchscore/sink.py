@@ -1,0 +1,174 @@
+"""Sink: staged Parquet part files, then the commit: move, `_manifest.json`, `_SUCCESS` last.
+
+Layout of an output directory (any fsspec URI):
+
+    _staging/<run_id>/part-<run_id>-00000.parquet   while the run is going
+    part-<run_id>-00000.parquet                      after commit
+    _manifest.json                                   run id, config, model, counts, files, timings
+    _SUCCESS                                         written last; its absence means "not committed"
+
+Every table is cast to the schema in `schemas/predictions.v1.json` before it is written, so
+the files hold plain Arrow types (never Ray tensor extension types) and required columns
+are never null. Readers trust only the files the manifest lists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchscore import fs as fsutil
+
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "predictions.v1.json"
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+STAGING = "_staging"
+
+_TYPES = {"string": pa.string(), "float32": pa.float32(), "int32": pa.int32(), "int64": pa.int64()}
+
+
+class SinkError(RuntimeError):
+    """Output could not be written or does not match the schema."""
+
+
+def load_schema(path: Path = SCHEMA_FILE) -> pa.Schema:
+    """The output Arrow schema, from its JSON description."""
+    spec = json.loads(path.read_text())
+    fields = [pa.field(f["name"], _arrow_type(f["type"]), nullable=f["nullable"]) for f in spec["fields"]]
+    return pa.schema(fields, metadata={"batchscore.schema": f"{spec['name']}.v{spec['version']}"})
+
+
+def _arrow_type(name: str) -> pa.DataType:
+    if name.startswith("list<") and name.endswith(">"):
+        return pa.list_(_arrow_type(name[5:-1]))
+    try:
+        return _TYPES[name]
+    except KeyError:
+        raise ValueError(f"schema type {name!r}: expected one of {sorted(_TYPES)} or list<...>") from None
+
+
+@dataclass(frozen=True)
+class PartFile:
+    name: str
+    rows: int
+    bytes: int
+
+
+class StagedWriter:
+    """Writes tables as Parquet part files under `<output>/_staging/<run_id>/`."""
+
+    def __init__(self, output: str, run_id: str, constants: dict[str, str], rows_per_file: int):
+        self.fs, self.root = fsutil.resolve(output)
+        self.run_id = run_id
+        self.staging = f"{self.root.rstrip('/')}/{STAGING}/{run_id}"
+        self.schema = load_schema()
+        self.constants = constants
+        self.rows_per_file = rows_per_file
+        self.parts: list[PartFile] = []
+        self._file = self._writer = None
+        self._rows_in_file = 0
+        self.fs.makedirs(self.staging, exist_ok=True)
+
+    def write(self, table: pa.Table) -> None:
+        table = self.conform(table)
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None:
+                self._open()
+            n = min(table.num_rows - start, self.rows_per_file - self._rows_in_file)
+            self._writer.write_table(table.slice(start, n))
+            self._rows_in_file += n
+            start += n
+            if self._rows_in_file >= self.rows_per_file:
+                self._close_part()
+
+    def conform(self, table: pa.Table) -> pa.Table:
+        """Adds the constant columns and casts to the schema; raises `SinkError` on a mismatch."""
+        for name, value in self.constants.items():
+            table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
+        missing = [n for n in self.schema.names if n not in table.column_names]
+        if missing:
+            raise SinkError(f"output batch lacks column(s) {missing}; expected {self.schema.names}, "
+                            f"got {table.column_names}")
+        table = table.select(self.schema.names)
+        try:
+            table = table.cast(self.schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise SinkError(f"output batch does not match {SCHEMA_FILE.name}: expected {self.schema}, "
+                            f"got {table.schema}: {e}") from e
+        for f in self.schema:
+            if not f.nullable and table.column(f.name).null_count:
+                raise SinkError(f"column {f.name!r} must not be null, but {table.column(f.name).null_count} rows are")
+        return table
+
+    def close(self) -> list[PartFile]:
+        if self._writer is not None:
+            self._close_part()
+        return list(self.parts)
+
+    def _open(self) -> None:
+        name = f"part-{self.run_id}-{len(self.parts):05d}.parquet"
+        self._file = self.fs.open(f"{self.staging}/{name}", "wb")
+        self._writer = pq.ParquetWriter(self._file, self.schema)
+        self._name = name
+        self._rows_in_file = 0
+
+    def _close_part(self) -> None:
+        self._writer.close()
+        self._file.close()
+        size = self.fs.info(f"{self.staging}/{self._name}")["size"]
+        self.parts.append(PartFile(self._name, self._rows_in_file, int(size)))
+        self._writer = self._file = None
+
+
+def read_manifest(output: str) -> dict | None:
+    """The manifest of the committed run in `output`, or None when nothing is committed."""
+    fs, root = fsutil.resolve(output)
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{SUCCESS}"):
+        return None
+    with fs.open(f"{root}/{MANIFEST}", "rb") as f:
+        return json.load(f)
+
+
+def commit(writer: StagedWriter, manifest: dict) -> str:
+    """Moves the staged parts into the output, then writes the manifest, then `_SUCCESS`.
+
+    A committed run already in the output (overwrite) stops counting as committed first and
+    its files are deleted only after the new run is committed. Returns the manifest's URI.
+    """
+    fs, root = writer.fs, writer.root.rstrip("/")
+    previous = read_manifest(writer.root) if fs.exists(f"{root}/{SUCCESS}") else None
+    if previous is not None:
+        fs.rm(f"{root}/{SUCCESS}")
+    for part in writer.parts:
+        fs.mv(f"{writer.staging}/{part.name}", f"{root}/{part.name}")
+    with fs.open(f"{root}/{MANIFEST}", "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    with fs.open(f"{root}/{SUCCESS}", "w") as f:
+        f.write(manifest["run_id"] + "\n")
+    if fs.exists(writer.staging):
+        fs.rm(writer.staging, recursive=True)
+    if previous is not None:
+        keep = {p.name for p in writer.parts}
+        for old in previous.get("files", []):
+            if old["name"] not in keep and fs.exists(f"{root}/{old['name']}"):
+                fs.rm(f"{root}/{old['name']}")
+    return fsutil.full_uri(fs, f"{root}/{MANIFEST}")
+
+
+def read_committed(output: str) -> pa.Table:
+    """The committed rows of `output`, read from exactly the files its manifest lists."""
+    manifest = read_manifest(output)
+    if manifest is None:
+        raise SinkError(f"{output}: no committed run ({SUCCESS} is missing)")
+    fs, root = fsutil.resolve(output)
+    tables = []
+    for part in manifest["files"]:
+        with fs.open(f"{root.rstrip('/')}/{part['name']}", "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else load_schema().empty_table()
