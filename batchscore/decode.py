@@ -67,7 +67,11 @@ def decode_one(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> np.n
     if image.format == "JPEG":
         image.draft(image.mode, _draft_size(image.size, spec))
     try:
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(f"decompression bomb refused: {e}") from None
     except OSError as e:
         raise DecodeError(str(e)) from e  # e.g. "image file is truncated (3 bytes not processed)"
     image = ImageOps.exif_transpose(image)
@@ -75,19 +79,21 @@ def decode_one(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> np.n
 
 
 def open_image(data: bytes, max_image_pixels: int) -> Image.Image:
-    """Opens (but does not decode) an image of an allowed format within the pixel budget."""
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    """Opens (parses the header of, but does not decode) an allowed image within the pixel budget.
+
+    The size check is ours, made on the header before any pixel is allocated; Pillow's own
+    guard is then armed at the same limit for decoding (it also checks GIF frame extents).
+    """
+    Image.MAX_IMAGE_PIXELS = None  # header only: our check below gives the clearer message
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise DecodeError(
             f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)}); "
             f"starts with {data[:8]!r}"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"decompression bomb refused: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
     w, h = image.size
     if w * h > max_image_pixels:
         raise DecodeError(f"decompression bomb refused: {w}x{h} pixels exceeds max_image_pixels={max_image_pixels}")

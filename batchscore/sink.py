@@ -151,14 +151,25 @@ def commit(writer: StagedWriter, manifest: dict) -> str:
         json.dump(manifest, f, indent=2, sort_keys=True)
     with fs.open(f"{root}/{SUCCESS}", "w") as f:
         f.write(manifest["run_id"] + "\n")
-    if fs.exists(writer.staging):
-        fs.rm(writer.staging, recursive=True)
+    _remove_staging(fs, writer.staging)
     if previous is not None:
         keep = {p.name for p in writer.parts}
         for old in previous.get("files", []):
             if old["name"] not in keep and fs.exists(f"{root}/{old['name']}"):
                 fs.rm(f"{root}/{old['name']}")
     return fsutil.full_uri(fs, f"{root}/{MANIFEST}")
+
+
+def _remove_staging(fs, staging: str) -> None:
+    """Removes this run's staging folder, and `_staging/` itself once no other run uses it."""
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    parent = staging.rsplit("/", 1)[0]
+    try:
+        if fs.exists(parent) and not fs.ls(parent):
+            fs.rmdir(parent)
+    except OSError:
+        pass  # another run staged files meanwhile; its own commit tidies up
 
 
 def read_committed(output: str) -> pa.Table:

@@ -1,0 +1,93 @@
+"""Model resolution: local safetensors checkpoints only, metadata from the checkpoint's files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import pytest
+
+from batchscore import models
+from batchscore.models import ModelError
+
+from conftest import make_checkpoint
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("batchscore tried to open a network connection")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_hub_id_is_an_error_not_a_download(no_network):
+    with pytest.raises(ModelError, match=r"does not exist or is not a directory \(batchscore never downloads"):
+        models.resolve("google/vit-base-patch16-224")
+
+
+def test_missing_directory_says_where(no_network, tmp_path):
+    with pytest.raises(ModelError, match=str(tmp_path / "nope")):
+        models.resolve(str(tmp_path / "nope"))
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    ckpt = make_checkpoint("vit", tmp_path / "m")
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"only pickle weights found \(pytorch_model.bin\).*safetensors only"):
+        models.resolve(str(ckpt))
+
+
+def test_headless_checkpoint_is_refused(tmp_path):
+    ckpt = make_checkpoint("vit", tmp_path / "m")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["architectures"] = ["ViTModel"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"image-classification head.*\['ViTModel'\]"):
+        models.resolve(str(ckpt))
+
+
+def test_missing_preprocessor_config(tmp_path):
+    ckpt = make_checkpoint("vit", tmp_path / "m")
+    (ckpt / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelError, match="preprocessor_config.json is missing"):
+        models.resolve(str(ckpt))
+
+
+def test_unimplemented_preprocessing_is_refused(tmp_path):
+    ckpt = make_checkpoint("vit", tmp_path / "m")
+    pp = json.loads((ckpt / "preprocessor_config.json").read_text())
+    (ckpt / "preprocessor_config.json").write_text(json.dumps({**pp, "crop_pct": 0.875}))
+    with pytest.raises(ModelError, match="crop_pct is not implemented"):
+        models.resolve(str(ckpt))
+
+
+@pytest.mark.parametrize("kind, size, crop, interpolation, mean", [
+    ("vit", (224, 224), None, "bilinear", (0.5, 0.5, 0.5)),
+    ("deit", (256, 256), (224, 224), "bicubic", (0.485, 0.456, 0.406)),
+    ("beit", (224, 224), None, "bilinear", (0.5, 0.5, 0.5)),
+])
+def test_preprocessing_and_labels_come_from_the_checkpoint(tmp_path, kind, size, crop, interpolation, mean):
+    info = models.resolve(str(make_checkpoint(kind, tmp_path / kind)))
+    p = info.preprocess
+    assert (p.size, p.crop, p.interpolation, p.mean) == (size, crop, interpolation, mean)
+    assert p.output_hw == (224, 224)
+    assert info.labels[:2] == ("can", "carton") and info.model_type == kind
+    assert info.tag.startswith(f"{kind}@sha256:") and len(info.weights_sha256) == 64
+
+
+def test_demo_checkpoint():
+    info = models.resolve(None)
+    assert info.labels == tuple(str(i) for i in range(10))
+    assert info.preprocess.output_hw == (32, 32)
+    assert info.tag.startswith("batchscore-demo-digits@sha256:")
+
+
+def test_weights_hash_tracks_the_weights(tmp_path):
+    a = make_checkpoint("vit", tmp_path / "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert models.resolve(str(a)).weights_sha256 == models.resolve(str(b)).weights_sha256
+    with open(b / "model.safetensors", "ab") as f:
+        f.write(b" ")
+    assert models.resolve(str(a)).weights_sha256 != models.resolve(str(b)).weights_sha256

@@ -1,0 +1,220 @@
+"""End to end on a real local Ray: rows, errors, schema, plan, commit, CLI and Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import batchscore
+from batchscore import listing, models, pipeline, runtime, sink
+from batchscore.config import ConfigError, ScoreConfig
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(session_tmp, photos) -> tuple[Path, dict[str, str]]:
+    """Real photos plus bad files; returns the folder and {bad file name: expected error prefix}."""
+    d = session_tmp / "mixed"
+    shutil.copytree(photos, d)
+    good_jpeg = (photos / "rocket.jpg").read_bytes()
+    good_png = (photos / "chelsea.png").read_bytes()
+    bad = {
+        "zero-bytes.jpg": (b"", "decode: empty file"),
+        "random-bytes.png": (os.urandom(3000), "decode: not an image in an allowed format"),
+        "truncated.jpg": (good_jpeg[: len(good_jpeg) // 3], "decode: image file is truncated"),
+        "truncated.png": (good_png[: len(good_png) // 3], "decode: "),
+        "not-really.jpg": (b"<!doctype html><title>403</title>", "decode: not an image in an allowed format"),
+    }
+    for name, (data, _) in bad.items():
+        (d / name).write_bytes(data)
+    return d, {name: reason for name, (_, reason) in bad.items()}
+
+
+@pytest.fixture(scope="module")
+def mixed_run(ray_session, mixed_inputs, checkpoints, session_tmp):
+    folder, _ = mixed_inputs
+    config = ScoreConfig(input=(str(folder),), output=str(session_tmp / "out-mixed"), model=str(checkpoints["deit"]),
+                         top_k=3, batch_size=4, rows_per_file=8)
+    return pipeline.score(config)
+
+
+def test_rows_out_equal_rows_in_and_exactly_the_bad_files_are_flagged(mixed_run, mixed_inputs):
+    folder, bad = mixed_inputs
+    frame = mixed_run.to_pandas()
+    names = frame["id"].map(lambda i: i.rsplit("/", 1)[-1])
+    assert sorted(names) == sorted(p.name for p in folder.iterdir())
+    assert frame["id"].is_unique
+    flagged = dict(zip(names[frame["error"].notna()], frame["error"][frame["error"].notna()]))
+    assert set(flagged) == set(bad)
+    for name, reason in bad.items():
+        assert flagged[name].startswith(reason), (name, flagged[name])
+    good = frame[frame["error"].isna()]
+    assert good["labels"].map(len).eq(3).all() and good["probs"].map(len).eq(3).all()
+    assert frame[frame["error"].notna()]["labels"].isna().all()
+    print(f"FIGURE rows in {len(list(folder.iterdir()))}, rows out {len(frame)}, errors {mixed_run.errors}")
+    assert mixed_run.rows == len(frame) and mixed_run.errors == len(bad)
+    assert mixed_run.errors_by_code == {"decode": len(bad)}
+
+
+def test_output_reads_back_without_ray_and_matches_the_schema_file(mixed_run):
+    spec = json.loads((ROOT / "schemas" / "predictions.v1.json").read_text())
+    expected = {f["name"]: f["type"] for f in spec["fields"]}
+    out = Path(mixed_run.output)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    files = [out / f["name"] for f in manifest["files"]]
+    assert len(files) == len(mixed_run.files) >= 2  # rows_per_file=8 splits the output
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(p.name for p in files)
+    arrow = {"string": pa.string(), "list<string>": pa.list_(pa.string()), "list<float32>": pa.list_(pa.float32())}
+    for path in files:
+        schema = pq.read_schema(path)
+        assert schema.names == list(expected)
+        for field in schema:
+            assert not isinstance(field.type, pa.ExtensionType), field
+            assert field.type == arrow[expected[field.name]], field
+        assert {f.name for f in schema if not f.nullable} == {f["name"] for f in spec["fields"] if not f["nullable"]}
+    frame = pd.concat(pd.read_parquet(p) for p in files)
+    assert len(frame) == manifest["counts"]["rows"] == manifest["counts"]["inputs"]
+    assert frame["model"].nunique() == 1 and frame["model"].iloc[0].startswith("ckpt-deit@sha256:")
+    assert (frame["run_id"] == manifest["run_id"]).all()
+    assert manifest["counts"]["errors"] == frame["error"].notna().sum()
+    assert sum(f["rows"] for f in manifest["files"]) == len(frame)
+
+
+def test_commit_markers_are_written_after_the_data(mixed_run):
+    out = Path(mixed_run.output)
+    parts = [out / name for name in mixed_run.files]
+    success, manifest = out / "_SUCCESS", out / "_manifest.json"
+    assert success.read_text().strip() == mixed_run.run_id
+    assert max(p.stat().st_mtime_ns for p in parts) <= manifest.stat().st_mtime_ns <= success.stat().st_mtime_ns
+    assert not (out / "_staging").exists()
+    assert json.loads(manifest.read_text())["config"]["top_k"] == 3
+
+
+def test_rerun_on_committed_output_is_a_noop_and_overwrite_replaces(ray_session, mixed_run, mixed_inputs,
+                                                                    checkpoints):
+    folder, _ = mixed_inputs
+    config = ScoreConfig(input=(str(folder),), output=mixed_run.output, model=str(checkpoints["deit"]), top_k=3)
+    again = pipeline.score(config)
+    assert again.status == "already_committed" and again.run_id == mixed_run.run_id
+    replaced = pipeline.score(config.with_overrides(overwrite=True, top_k=1))
+    assert replaced.status == "committed" and replaced.run_id != mixed_run.run_id
+    out = Path(mixed_run.output)
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(replaced.files)  # old parts gone
+    assert replaced.to_pandas()["labels"].dropna().map(len).eq(1).all()
+
+
+def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, photos, monkeypatch):
+    config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]))
+    info = models.resolve(config.model)
+    entries = listing.list_inputs(config.input, config.extensions)
+
+    def physical_plan() -> str:
+        pipeline.build_dataset(config, info, entries).explain()
+        return capsys.readouterr().out.split("Physical Plan (Optimized) --------")[1]
+
+    plan = physical_plan()
+    print(plan)
+    assert "TaskPoolMapOperator[MapBatches(fetch_bytes)->MapBatches(decode_batch)]" in plan
+    assert "ActorPoolMapOperator[MapBatches(Predictor)]" in plan
+    # Negative control: with equal remote args Ray does fuse decode into the model actor.
+    monkeypatch.setattr(pipeline, "actor_resources", lambda c: runtime.ActorResources(cpus=0.5, gpus=0.0))
+    fused = physical_plan()
+    assert "ActorPoolMapOperator[MapBatches(fetch_bytes)->MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
+
+
+def test_equal_decode_and_actor_cpus_are_refused(ray_session):
+    with pytest.raises(ConfigError, match="must differ from decode_cpus"):
+        runtime.actor_resources(ScoreConfig(cpus_per_actor=0.5, decode_cpus=0.5))
+
+
+def test_actor_gets_the_cpus_left_by_decode(ray_session):
+    res = runtime.actor_resources(ScoreConfig())
+    assert (res.cpus, res.gpus) == (1.5, 0.0)  # 2 CPUs in the test cluster, 0.5 for decode
+    with pytest.raises(ConfigError, match="device=cuda needs gpus_per_actor > 0"):
+        runtime.actor_resources(ScoreConfig(device="cuda"))
+
+
+def test_nothing_is_committed_when_rows_go_missing(ray_session, tmp_path, photos, checkpoints, monkeypatch):
+    """If a stage ever dropped rows, the run must fail instead of committing partial output."""
+
+    def losing_dataset(config, model, entries):
+        rows = [{"id": e.id, "labels": None, "probs": None, "error": "x: y"} for e in entries[:-2]]
+        return ray_session.data.from_items(rows)
+
+    monkeypatch.setattr(pipeline, "build_dataset", losing_dataset)
+    config = ScoreConfig(input=(str(photos),), output=str(tmp_path / "out"), model=str(checkpoints["vit"]))
+    n = len(list(photos.iterdir()))
+    with pytest.raises(sink.SinkError, match=rf"expected one row per input \({n} inputs\) but wrote {n - 2} rows"):
+        pipeline.score(config)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_python_api(ray_session, tmp_path, photos, checkpoints):
+    result = batchscore.score(input=[str(photos / "chelsea.png"), str(photos / "coffee.png")],
+                              output=str(tmp_path / "api"), model=str(checkpoints["beit"]), top_k=2)
+    assert result.status == "committed" and result.rows == 2 and result.errors == 0
+    frame = result.to_pandas()
+    assert list(frame.columns) == ["id", "labels", "probs", "error", "model", "run_id"]
+    assert "committed run" in result.summary() and "2 rows" in result.summary()
+
+
+def test_glob_and_file_inputs_are_taken_as_given(tmp_path, photos):
+    entries = listing.list_inputs((str(photos / "*.png"), str(photos / "rocket.jpg"), str(photos / "rocket.jpg")),
+                                  (".jpg",))
+    names = [e.id.rsplit("/", 1)[-1] for e in entries]
+    assert names == sorted(names) and "rocket.jpg" in names and names.count("rocket.jpg") == 1
+    assert all(n.endswith((".png", ".jpg")) for n in names)
+    with pytest.raises(listing.ListingError, match="no such file or directory"):
+        listing.list_inputs((str(tmp_path / "missing"),), (".jpg",))
+    with pytest.raises(listing.ListingError, match="the glob matched no file"):
+        listing.list_inputs((str(tmp_path / "*.jpg"),), (".jpg",))
+
+
+def test_demo_accuracy(ray_session, tmp_path):
+    from batchscore import demo
+
+    result = demo.run(ScoreConfig(output=str(tmp_path / "demo")))
+    print(f"FIGURE demo accuracy {result.accuracy:.3f} on {result.labelled} held-out digits")
+    assert result.labelled == 360 and result.run.errors == 0
+    assert result.accuracy >= 0.9
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    return subprocess.run([sys.executable, "-m", "batchscore.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def test_cli_end_to_end_with_progress_in_a_non_tty_log(tmp_path, mixed_inputs, checkpoints):
+    folder, bad = mixed_inputs
+    out = tmp_path / "cli-out"
+    proc = run_cli("score", "--input", str(folder), "--output", str(out), "--model", str(checkpoints["vit"]),
+                   "--progress-seconds", "0.1", "--batch-size", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = len(list(folder.iterdir()))
+    assert f"{n} rows, {n - len(bad)} scored, {len(bad)} errors (decode={len(bad)})" in proc.stdout
+    assert f"progress: {n}/{n} images (100.0%)" in proc.stderr
+    assert (out / "_SUCCESS").exists()
+    again = run_cli("score", "--input", str(folder), "--output", str(out), "--model", str(checkpoints["vit"]))
+    assert again.returncode == 0 and "already committed" in again.stdout
+
+
+def test_cli_bad_job_exits_2_with_a_clear_message(tmp_path):
+    proc = run_cli("score", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model",
+                   str(tmp_path / "no-such-model"))
+    assert proc.returncode == 2
+    assert "ModelError" in proc.stderr and "no-such-model" in proc.stderr and "never downloads" in proc.stderr
+    proc = run_cli("score", "--output", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "input: expected at least one directory" in proc.stderr
