@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import types
 import typing
 from typing import Any
 
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("score", "score images into committed Parquet output"),
                         ("validate", "check a job's config and print it resolved, as JSON"),
-                        ("demo", "score the shipped demo digits with the shipped demo model; print accuracy")):
+                        ("demo", "score the shipped demo digits with the shipped demo model (always re-scores); "
+                                 "print accuracy")):
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--config", help="YAML job file; flags given here override it")
         if name == "score":
@@ -82,6 +84,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, metavar="MIN[,MAX]", type=_actors, help=help_)
         elif typing.get_origin(hint) is tuple:
             parser.add_argument(flag, nargs="+", metavar=f.name.upper(), help=help_)
+        elif typing.get_origin(hint) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(hint), help=help_)
         else:
             parser.add_argument(flag, type=_scalar_type(hint), metavar=f.name.upper(), help=help_)
 
@@ -94,11 +98,9 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 
 def _scalar_type(hint: Any):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType" else hint
-    if typing.get_origin(base) is typing.Literal:
-        return str
-    return {int: int, float: float}.get(base, str)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return {int: int, float: float}.get(hint, str)
 
 
 def _actors(text: str) -> tuple[int, int]:

@@ -30,10 +30,6 @@ def full_uri(fs: AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
-
-
 def _is_local(fs: AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

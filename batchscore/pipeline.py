@@ -77,10 +77,12 @@ def score(config: ScoreConfig) -> RunResult:
         return _result_from_manifest(previous, config.output, "already_committed")
 
     model = models.resolve(config.model)
+    resolved = time.monotonic()
+    log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
+             resolved - started)
     entries = listing.list_inputs(config.input, config.extensions)
     listed = time.monotonic()
-    log.info("listed %d inputs in %.2fs; model %s (%s, %d classes)", len(entries), listed - started,
-             model.tag, model.model_type, len(model.labels))
+    log.info("listed %d inputs in %.2fs", len(entries), listed - resolved)
 
     ensure_ray()
     ds = build_dataset(config, model, entries)
@@ -113,7 +115,8 @@ def score(config: ScoreConfig) -> RunResult:
         "counts": {"inputs": len(entries), "rows": progress.done, "scored": progress.done - progress.errors,
                    "errors": progress.errors, "errors_by_code": dict(errors_by_code)},
         "files": [p.__dict__ for p in parts],
-        "timings": {"listing_seconds": round(listed - started, 3), "scoring_seconds": round(scored - listed, 3),
+        "timings": {"model_seconds": round(resolved - started, 3), "listing_seconds": round(listed - resolved, 3),
+                    "scoring_seconds": round(scored - listed, 3),
                     "first_row_seconds": round(progress.first_row_seconds or 0.0, 3),
                     "total_seconds": round(seconds, 3),
                     "images_per_second": round(progress.done / (scored - listed), 2) if scored > listed else 0.0},
