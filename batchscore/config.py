@@ -20,6 +20,8 @@ from typing import Any, Literal
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+INPUT_FORMATS = ("auto", "files", "tar", "parquet", "manifest", "azureml")
+RESERVED_COLUMNS = ("id", "labels", "probs", "error", "model", "run_id")
 
 
 class ConfigError(ValueError):
@@ -31,11 +33,21 @@ class ScoreConfig:
     """Everything one scoring run needs.
 
     Attributes:
-        input: Where the images are: directories (listed recursively, filtered by
-            `extensions`), globs, or single files, as local paths or fsspec URIs.
-        output: The run's output directory (local path or fsspec URI).
-        model: A local Hugging Face checkpoint directory; None uses the demo checkpoint
-            shipped inside the package.
+        input: Where the inputs are: directories (listed recursively), globs, or single
+            files, as local paths or URIs (gs://, s3://, file://, http(s):// for files).
+        output: The run's output directory (local path or URI).
+        input_format: auto (from the file endings), files (images), tar (WebDataset shards),
+            parquet (an image-bytes column), manifest (CSV, JSONL or Parquet listing image
+            URIs), azureml (Azure ML image-classification request JSON).
+        image_column: parquet: the column holding image bytes (binary, or a struct with a
+            `bytes` field as Hugging Face datasets write it).
+        id_column: parquet: the column holding each row's id; None = `<file>#<row>`.
+        uri_column: manifest: the column holding each image's URI.
+        passthrough: Input columns carried into the output as strings: manifest or parquet
+            columns, or a tar sample's member of that extension (e.g. `cls`).
+        read_retries: Attempts per read before a transient failure becomes an error row.
+        model: A local checkpoint directory or a gs://, s3:// URI of one (cached per node);
+            None uses the demo checkpoint shipped inside the package.
         top_k: How many labels per image, most probable first; 0 keeps all classes.
         batch_size: Images per forward pass.
         dtype: Model dtype; auto = fp16 on CUDA, bf16 on a CPU with native bf16, else fp32.
@@ -50,8 +62,8 @@ class ScoreConfig:
             does not fuse decode into the model actor.
         decode_batch_size: Images per read/decode task call.
         max_image_pixels: Decompression-bomb guard: images declaring more pixels are refused.
-        extensions: File endings kept when an input is a directory (globs and files are
-            taken as given).
+        extensions: File endings of images kept when an input is a directory of images
+            (globs and files are taken as given).
         rows_per_file: Rows per output Parquet part file.
         overwrite: Replace a committed run in `output` instead of treating the run as done.
         progress_seconds: Seconds between progress lines in the log.
@@ -59,6 +71,12 @@ class ScoreConfig:
 
     input: tuple[str, ...] = ()
     output: str = ""
+    input_format: Literal["auto", "files", "tar", "parquet", "manifest", "azureml"] = "auto"
+    image_column: str = "image"
+    id_column: str | None = None
+    uri_column: str = "uri"
+    passthrough: tuple[str, ...] = ()
+    read_retries: int = 3
     model: str | None = None
     top_k: int = 5
     batch_size: int = 16
@@ -133,6 +151,12 @@ class ScoreConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        need(self.input_format in INPUT_FORMATS,
+             f"input_format: expected one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+        clash = sorted(set(self.passthrough) & set(RESERVED_COLUMNS))
+        need(not clash, f"passthrough: {clash} would overwrite output columns {list(RESERVED_COLUMNS)}")
+        need(len(set(self.passthrough)) == len(self.passthrough), f"passthrough: duplicate names in {list(self.passthrough)}")
+        need(self.read_retries >= 1, f"read_retries: expected a number >= 1, got {self.read_retries}")
         need(self.dtype in DTYPES, f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.device in DEVICES, f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.top_k >= 0, f"top_k: expected 0 (all classes) or a positive number, got {self.top_k}")
@@ -189,7 +213,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if origin is tuple:
         if name == "actors" and isinstance(value, int) and not isinstance(value, bool):
             value = (value, value)
-        if isinstance(value, str) and name in ("input", "extensions"):
+        if isinstance(value, str) and name in ("input", "extensions", "passthrough"):
             value = (value,)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {type(value).__name__} {value!r}")

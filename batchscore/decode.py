@@ -36,12 +36,13 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: PreprocessSpec, max_imag
     """Decodes `data` into `pixels`; rows that fail keep zero pixels and get an `error`.
 
     Args:
-        batch: Columns `id`, `data` (bytes) and `error` ("" or a read error).
+        batch: Columns `id`, `data` (bytes), `error` ("" or a read error) and `meta`
+            (carried through untouched).
         spec: The checkpoint's preprocessing.
         max_image_pixels: Images declaring more pixels are refused before any pixel is decoded.
 
     Returns:
-        Columns `id`, `pixels` (uint8 [N, 3, H, W]) and `error`.
+        Columns `id`, `pixels` (uint8 [N, 3, H, W]), `error` and `meta`.
     """
     h, w = spec.output_hw
     n = len(batch["id"])
@@ -56,7 +57,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: PreprocessSpec, max_imag
             errors[i] = f"decode: {e}"
         except Exception as e:  # noqa: BLE001 - an unforeseen failure still costs one row only
             errors[i] = f"decode: {type(e).__name__}: {e}"
-    return {"id": batch["id"], "pixels": pixels, "error": np.array(errors, dtype=object)}
+    return {"id": batch["id"], "pixels": pixels, "error": np.array(errors, dtype=object), "meta": batch["meta"]}
 
 
 def decode_one(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> np.ndarray:

@@ -25,11 +25,11 @@ def resolve(uri: str) -> tuple[AbstractFileSystem, str]:
 
 def full_uri(fs: AbstractFileSystem, path: str) -> str:
     """The URI a path inside `fs` is known by: with its protocol, or absolute when local."""
-    if _is_local(fs):
+    if is_local(fs):
         return os.path.abspath(path)
     return fs.unstrip_protocol(path)
 
 
-def _is_local(fs: AbstractFileSystem) -> bool:
+def is_local(fs: AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

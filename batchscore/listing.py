@@ -1,47 +1,101 @@
-"""Listing: turn the configured inputs into a stable, de-duplicated list of image URIs.
+"""Listing: turn the configured inputs into a stable, de-duplicated list of entries to read.
 
-A directory is listed recursively and filtered by extension (what is skipped is counted and
-logged, never dropped silently); a glob or a file is taken as given. The result is sorted so
-the same inputs always give the same listing, and each entry's `id` is its URI.
+An entry is one image file (`kind="file"`, from a directory, a glob, a file or a manifest
+row) or one container that a reader expands in a worker: a WebDataset tar shard, a Parquet
+file with an image-bytes column, or an Azure ML request file. All entries of a run have one
+kind, chosen by `input_format` or detected from the file endings:
+
+    auto: image files if any are listed, else .tar/.tgz shards, else .json request files,
+          else .csv/.jsonl manifests, else .parquet (image bytes if it has `image_column`,
+          a manifest if it has `uri_column`).
+
+Directories are listed recursively, and on object stores one level of sub-prefixes is
+listed in parallel. Files that do not belong to the chosen format are counted and logged,
+never dropped silently. The result is sorted, so the same inputs give the same listing.
 """
 
 from __future__ import annotations
 
 import collections
+import csv
+import io
+import json
 import logging
-from dataclasses import dataclass
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from batchscore import fs as fsutil
+from batchscore.config import ScoreConfig
 
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
+_LIST_THREADS = 16
+ENDINGS = {
+    "tar": (".tar", ".tgz", ".tar.gz"),
+    "azureml": (".json",),
+    "manifest": (".csv", ".jsonl", ".ndjson"),
+    "parquet": (".parquet",),
+}
 
 
 @dataclass(frozen=True)
 class Entry:
+    """One thing to read. `rows` is how many output rows it gives, when known in advance."""
+
     id: str
     uri: str
-    size: int | None
+    kind: str = "file"
+    size: int | None = None
+    rows: int | None = 1
+    passthrough: dict[str, str | None] = field(default_factory=dict, hash=False, compare=False)
 
 
 class ListingError(ValueError):
-    """An input could not be listed, or listed nothing."""
+    """An input could not be listed, is not of the expected format, or listed nothing."""
 
 
-def list_inputs(inputs: tuple[str, ...], extensions: tuple[str, ...]) -> list[Entry]:
-    """Lists every input, in a stable order, without duplicates.
-
-    Args:
-        inputs: Directories, globs or files (paths or fsspec URIs).
-        extensions: File endings kept from directories, lower case with a dot.
+def list_inputs(config: ScoreConfig) -> list[Entry]:
+    """Lists every input of `config` as entries of one kind, in a stable order.
 
     Raises:
-        ListingError: An input does not exist or matches nothing, or all of them give no file.
+        ListingError: An input does not exist or matches nothing, no entry is left, the
+            format cannot be told, or a manifest or Parquet file lacks a configured column.
     """
-    found: dict[str, Entry] = {}
-    skipped: collections.Counter[str] = collections.Counter()
-    allowed = {e.lower() for e in extensions}
+    files = _list_files(config.input)
+    fmt = config.input_format if config.input_format != "auto" else _detect(files, config)
+    chosen, skipped = [], collections.Counter()
+    for uri, size in files:
+        if _ending(uri) in _endings(fmt, config):
+            chosen.append((uri, size))
+        else:
+            skipped[_ending(uri) or "(none)"] += 1
+    if skipped:
+        log.warning("skipped %d listed file(s) that are not %s inputs: %s (set input_format, or list them "
+                    "explicitly)", sum(skipped.values()), fmt,
+                    ", ".join(f"{ext} x{n}" for ext, n in skipped.most_common()))
+    if not chosen:
+        raise ListingError(f"inputs {list(config.input)}: no {fmt} input found "
+                           f"(endings {sorted(_endings(fmt, config))})")
+    if fmt == "files":
+        entries = [Entry(id=uri, uri=uri, size=size) for uri, size in chosen]
+    elif fmt == "manifest":
+        entries = _from_manifests([uri for uri, _ in chosen], config)
+    elif fmt == "parquet":
+        entries = _parquet_entries(chosen, config)
+    else:
+        entries = [Entry(id=uri, uri=uri, kind=fmt, size=size, rows=None) for uri, size in chosen]
+    log.info("input format %s: %d %s", fmt, len(entries), "images" if fmt in ("files", "manifest") else "files")
+    return entries
+
+
+# -- files ------------------------------------------------------------------------------
+
+def _list_files(inputs: tuple[str, ...]) -> list[tuple[str, int | None]]:
+    """(uri, size) of every file the inputs name, de-duplicated and sorted."""
+    found: dict[str, int | None] = {}
+    hidden = 0
     for spec in inputs:
         fs, path = fsutil.resolve(spec)
         if any(c in _GLOB_CHARS for c in path):
@@ -49,28 +103,149 @@ def list_inputs(inputs: tuple[str, ...], extensions: tuple[str, ...]) -> list[En
             if not infos:
                 raise ListingError(f"input {spec!r}: the glob matched no file")
         elif fs.isdir(path):
-            infos = []
-            for info in fs.find(path, detail=True).values():
-                name = info["name"].rsplit("/", 1)[-1]
-                ext = ("." + name.rsplit(".", 1)[-1].lower()) if "." in name else "(none)"
-                if name.startswith((".", "_")) or ext not in allowed:
-                    skipped[ext] += 1
-                else:
-                    infos.append(info)
+            infos = _find(fs, path)
+            root = path.rstrip("/")
+            shown = [i for i in infos if not _hidden(i["name"][len(root):])]
+            hidden += len(infos) - len(shown)
+            infos = shown
         elif fs.isfile(path):
             infos = [fs.info(path)]
         else:
             raise ListingError(f"input {spec!r}: no such file or directory")
         for info in infos:
-            uri = fsutil.full_uri(fs, info["name"])
-            found.setdefault(uri, Entry(id=uri, uri=uri, size=info.get("size")))
-    if skipped:
-        log.warning(
-            "skipped %d file(s) in input directories that are not images by name or are hidden: %s"
-            " (list them explicitly or set `extensions` to score them)",
-            sum(skipped.values()),
-            ", ".join(f"{ext} x{n}" for ext, n in skipped.most_common()),
-        )
-    if not found:
-        raise ListingError(f"inputs {list(inputs)}: no image file found (extensions {sorted(allowed)})")
-    return [found[k] for k in sorted(found)]
+            found.setdefault(fsutil.full_uri(fs, info["name"]), info.get("size"))
+    if hidden:
+        log.warning("skipped %d hidden file(s) (a path part starting with '.' or '_') in input directories",
+                    hidden)
+    return sorted(found.items())
+
+
+def _find(fs, path: str) -> list[dict]:
+    """Recursive listing; on object stores the first level of prefixes is listed in parallel."""
+    if fsutil.is_local(fs):
+        return list(fs.find(path, detail=True).values())
+    top = fs.ls(path, detail=True)
+    files = [i for i in top if i["type"] == "file"]
+    dirs = [i["name"] for i in top if i["type"] == "directory"]
+    with ThreadPoolExecutor(max_workers=_LIST_THREADS) as pool:
+        for listed in pool.map(lambda d: fs.find(d, detail=True), dirs):
+            files.extend(listed.values())
+    return files
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+
+
+def _ending(uri: str) -> str:
+    name = uri.rsplit("/", 1)[-1].lower()
+    if name.endswith(".tar.gz"):
+        return ".tar.gz"
+    return "." + name.rsplit(".", 1)[-1] if "." in name else ""
+
+
+def _endings(fmt: str, config: ScoreConfig) -> set[str]:
+    if fmt == "files":
+        return {e.lower() for e in config.extensions}
+    if fmt == "manifest":
+        return set(ENDINGS["manifest"]) | set(ENDINGS["parquet"])
+    return set(ENDINGS[fmt])
+
+
+def _detect(files: list[tuple[str, int | None]], config: ScoreConfig) -> str:
+    endings = {_ending(uri) for uri, _ in files}
+    for fmt in ("files", "tar", "azureml", "manifest"):
+        if endings & _endings(fmt, config) - set(ENDINGS["parquet"]):
+            return fmt
+    parquets = [uri for uri, _ in files if _ending(uri) == ".parquet"]
+    if parquets:
+        names = _parquet_schema(parquets[0]).names
+        if config.image_column in names:
+            return "parquet"
+        if config.uri_column in names:
+            return "manifest"
+        raise ListingError(f"{parquets[0]}: cannot tell the input format: expected a column "
+                           f"{config.image_column!r} (image bytes) or {config.uri_column!r} (image URIs), "
+                           f"found {names}; set input_format, image_column or uri_column")
+    raise ListingError(f"cannot tell the input format of {len(files)} file(s) with endings {sorted(endings)}; "
+                       "set input_format")
+
+
+# -- manifests --------------------------------------------------------------------------
+
+def _from_manifests(manifests: list[str], config: ScoreConfig) -> list[Entry]:
+    entries: dict[str, Entry] = {}
+    duplicates = 0
+    for manifest in manifests:
+        rows = _manifest_rows(manifest)
+        base = manifest.rsplit("/", 1)[0]
+        for n, row in enumerate(rows):
+            missing = [c for c in (config.uri_column, *config.passthrough) if c not in row]
+            if missing:
+                raise ListingError(f"manifest {manifest} row {n}: expected column(s) {missing}, found {sorted(row)}")
+            uri = row[config.uri_column]
+            if not uri:
+                raise ListingError(f"manifest {manifest} row {n}: empty {config.uri_column!r}")
+            uri = str(uri)
+            if "://" not in uri and not os.path.isabs(uri):
+                uri = f"{base}/{uri}"  # relative to the manifest's own folder
+            if uri in entries:
+                duplicates += 1
+                continue
+            passthrough = {c: None if row[c] is None else str(row[c]) for c in config.passthrough}
+            entries[uri] = Entry(id=uri, uri=uri, passthrough=passthrough)
+    if duplicates:
+        log.warning("manifests list %d URI(s) more than once; each is scored once (first row kept)", duplicates)
+    return [entries[k] for k in sorted(entries)]
+
+
+def _manifest_rows(uri: str) -> list[dict]:
+    fs, path = fsutil.resolve(uri)
+    ending = _ending(uri)
+    if ending == ".parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f).to_pylist()
+    with fs.open(path, "rb") as f:
+        text = f.read().decode("utf-8-sig")
+    if ending == ".csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    rows = []
+    for n, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ListingError(f"manifest {uri} line {n + 1}: not JSON: {e}") from None
+    return rows
+
+
+# -- parquet with image bytes -----------------------------------------------------------
+
+def _parquet_schema(uri: str):
+    import pyarrow.parquet as pq
+
+    fs, path = fsutil.resolve(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
+
+
+def _parquet_entries(files: list[tuple[str, int | None]], config: ScoreConfig) -> list[Entry]:
+    """One entry per file, with its row count from the footer (read in parallel)."""
+    import pyarrow.parquet as pq
+
+    def footer(item):
+        uri, size = item
+        fs, path = fsutil.resolve(uri)
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        names = meta.schema.to_arrow_schema().names
+        needed = [config.image_column, *([config.id_column] if config.id_column else []), *config.passthrough]
+        missing = [c for c in needed if c not in names]
+        if missing:
+            raise ListingError(f"{uri}: expected column(s) {missing}, found {names}")
+        return Entry(id=uri, uri=uri, kind="parquet", size=size, rows=meta.num_rows)
+
+    with ThreadPoolExecutor(max_workers=_LIST_THREADS) as pool:
+        return list(pool.map(footer, files))

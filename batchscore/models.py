@@ -4,8 +4,8 @@ Everything about a model comes from its own files: labels and task from `config.
 preprocessing from `preprocessor_config.json` (resolved through the checkpoint's own
 transformers image-processor class, so defaults and legacy forms such as `"size": 224` mean
 exactly what transformers makes of them), weights from safetensors only. A reference that is
-not an existing directory is an error: batchscore never falls back to a hub download, and
-never runs code shipped with a checkpoint (`trust_remote_code` is never set).
+neither an existing directory nor a bucket URI is an error: batchscore never falls back to a
+hub download, and never runs code shipped with a checkpoint (`trust_remote_code` is never set).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class ModelInfo:
     labels: tuple[str, ...]
     multi_label: bool
     preprocess: PreprocessSpec
+    cache_key: str | None = None  # content key of a checkpoint fetched from a bucket
 
     @property
     def tag(self) -> str:
@@ -80,24 +81,27 @@ def resolve(ref: str | None) -> ModelInfo:
     """Resolves a model reference to a local checkpoint and reads its metadata.
 
     Args:
-        ref: A local checkpoint directory, or None for the demo checkpoint.
+        ref: A local checkpoint directory, a gs:// or s3:// URI of one (fetched into the
+            node's cache, see `batchscore.cache`), or None for the demo checkpoint.
 
     Raises:
-        ModelError: The directory does not exist, lacks a file, holds only pickle weights,
+        ModelError: The checkpoint does not exist, lacks a file, holds only pickle weights,
             has no classification head, or preprocessing batchscore does not implement.
     """
-    path = DEMO_CHECKPOINT if ref is None else Path(ref).expanduser()
-    if "://" in str(ref or "") and not str(ref).startswith("file://"):
-        raise ModelError(
-            f"model {ref!r}: only local checkpoint directories are supported in this version; "
-            "copy the checkpoint to a local directory first"
-        )
-    if str(path).startswith("file://"):
-        path = Path(str(path)[len("file://"):])
+    cache_key = None
+    if ref is not None and _is_remote(ref):
+        from batchscore import cache
+
+        try:
+            path, cache_key = cache.fetch_checkpoint(ref)
+        except cache.CacheError as e:
+            raise ModelError(str(e)) from None
+    else:
+        path = DEMO_CHECKPOINT if ref is None else Path(str(ref).removeprefix("file://")).expanduser()
     if not path.is_dir():
         raise ModelError(
-            f"model {ref!r}: expected a local Hugging Face checkpoint directory, but {path} "
-            "does not exist or is not a directory (batchscore never downloads from a hub)"
+            f"model {ref!r}: expected a local Hugging Face checkpoint directory or a gs:// or s3:// URI of one, "
+            f"but {path} does not exist or is not a directory (batchscore never downloads from a hub)"
         )
     for needed in ("config.json", "preprocessor_config.json"):
         if not (path / needed).is_file():
@@ -116,13 +120,28 @@ def resolve(ref: str | None) -> ModelInfo:
     return ModelInfo(
         ref="<demo>" if ref is None else str(ref),
         path=str(path.resolve()),
-        name="batchscore-demo-digits" if ref is None else path.resolve().name,
+        name=("batchscore-demo-digits" if ref is None else
+              str(ref).rstrip("/").rsplit("/", 1)[-1] if cache_key else path.resolve().name),
         model_type=str(config.get("model_type", "?")),
         weights_sha256=_sha256_weights(path, weights[0]),
         labels=labels,
         multi_label=multi_label,
         preprocess=preprocess_spec(path),
+        cache_key=cache_key,
     )
+
+
+def local_path(model: ModelInfo) -> str:
+    """The checkpoint folder on this node: the driver's path, or this node's cached copy."""
+    if model.cache_key is None:
+        return model.path
+    from batchscore import cache
+
+    return str(cache.fetch_checkpoint(model.ref, expect_key=model.cache_key)[0])
+
+
+def _is_remote(ref: str) -> bool:
+    return "://" in ref and not ref.startswith("file://")
 
 
 def _labels(config: dict, ref: str | None) -> tuple[tuple[str, ...], bool]:

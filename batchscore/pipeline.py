@@ -34,7 +34,11 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[li
     # task (bytes stay in the task); different ones from predict, so decode never runs inside
     # the model actor.
     ds = read.dataset(entries)
-    ds = ds.map_batches(read.fetch_bytes, batch_size=config.decode_batch_size, num_cpus=config.decode_cpus)
+    options = read.ReadOptions(image_column=config.image_column, id_column=config.id_column,
+                               passthrough=config.passthrough, retries=config.read_retries,
+                               batch_size=config.decode_batch_size)
+    ds = ds.map_batches(read.read_batch, fn_kwargs={"options": options}, num_cpus=config.decode_cpus,
+                        batch_size=config.decode_batch_size if entries[0].kind == "file" else 1)
     ds = ds.map_batches(
         decode.decode_batch,
         fn_kwargs={"spec": model.preprocess, "max_image_pixels": config.max_image_pixels},
@@ -80,19 +84,24 @@ def score(config: ScoreConfig) -> RunResult:
     resolved = time.monotonic()
     log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
              resolved - started)
-    entries = listing.list_inputs(config.input, config.extensions)
+    entries = listing.list_inputs(config)
     listed = time.monotonic()
     log.info("listed %d inputs in %.2fs", len(entries), listed - resolved)
 
+    run_id = _new_run_id()
+    writer = sink.StagedWriter(config.output, run_id, {"model": model.tag, "run_id": run_id}, config.rows_per_file,
+                               passthrough=config.passthrough)
+
     ensure_ray()
     ds = build_dataset(config, model, entries)
-
-    run_id = _new_run_id()
-    writer = sink.StagedWriter(config.output, run_id, {"model": model.tag, "run_id": run_id}, config.rows_per_file)
-    progress = Progress(total=len(entries), every_seconds=config.progress_seconds)
+    known_rows = sum(e.rows for e in entries) if all(e.rows is not None for e in entries) else None
+    progress = Progress(total=known_rows, every_seconds=config.progress_seconds)
     seen: set[str] = set()
+    sources: collections.Counter[str] = collections.Counter()
     errors_by_code: collections.Counter[str] = collections.Counter()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        batch, batch_sources = read.unpack_meta(batch, config.passthrough)
+        sources.update(batch_sources)
         ids = batch.column("id").to_pylist()
         seen.update(ids)
         batch_errors = [e for e in batch.column("error").to_pylist() if e is not None]
@@ -103,7 +112,7 @@ def score(config: ScoreConfig) -> RunResult:
     scored = time.monotonic()
     log.info("%s", progress.line())
 
-    _check_rows(entries, seen, sum(p.rows for p in parts))
+    _check_rows(entries, seen, sources, sum(p.rows for p in parts))
     seconds = time.monotonic() - started
     manifest = {
         "run_id": run_id,
@@ -112,7 +121,7 @@ def score(config: ScoreConfig) -> RunResult:
         "model": {"ref": model.ref, "name": model.name, "tag": model.tag, "model_type": model.model_type,
                   "weights_sha256": model.weights_sha256, "num_labels": len(model.labels),
                   "preprocess": model.preprocess.__dict__},
-        "counts": {"inputs": len(entries), "rows": progress.done, "scored": progress.done - progress.errors,
+        "counts": {"inputs": len(entries), "input_format": entries[0].kind, "rows": progress.done, "scored": progress.done - progress.errors,
                    "errors": progress.errors, "errors_by_code": dict(errors_by_code)},
         "files": [p.__dict__ for p in parts],
         "timings": {"model_seconds": round(resolved - started, 3), "listing_seconds": round(listed - resolved, 3),
@@ -128,16 +137,30 @@ def score(config: ScoreConfig) -> RunResult:
     return _result_from_manifest(manifest, config.output, "committed")
 
 
-def _check_rows(entries: list[listing.Entry], seen: set[str], rows: int) -> None:
-    """Exactly one row per input, or the run fails before anything is committed."""
-    expected = {e.id for e in entries}
-    if rows != len(expected) or seen != expected:
-        missing, extra = sorted(expected - seen), sorted(seen - expected)
-        raise sink.SinkError(
-            f"expected one row per input ({len(expected)} inputs) but wrote {rows} rows; "
-            f"missing {len(missing)} (e.g. {missing[:3]}), unexpected {len(extra)} (e.g. {extra[:3]}), "
-            f"duplicates {rows - len(seen)}; nothing was committed"
-        )
+def _check_rows(entries: list[listing.Entry], seen: set[str], sources: collections.Counter, rows: int) -> None:
+    """One row per image, every row from a listed input, or the run fails before commit.
+
+    Files and Parquet rows are known in advance and must match exactly; a tar shard or
+    request file must account for all its rows (its samples are only known once read).
+    """
+    problems = []
+    if rows != len(seen):
+        problems.append(f"{rows - len(seen)} duplicate ids")
+    listed = {e.id for e in entries}
+    unlisted = sorted(set(sources) - listed)
+    if unlisted:
+        problems.append(f"rows from unlisted inputs, e.g. {unlisted[:3]}")
+    wrong = [(e.id, sources.get(e.id, 0), e.rows) for e in entries
+             if e.rows is not None and sources.get(e.id, 0) != e.rows]
+    if wrong:
+        problems.append(f"{len(wrong)} input(s) gave the wrong number of rows (input, got, expected), e.g. {wrong[:3]}")
+    if problems:
+        expected = sum(e.rows or 0 for e in entries)
+        raise sink.SinkError(f"expected one row per input ({len(entries)} inputs, {expected} rows known in advance) "
+                             f"but wrote {rows} rows: {'; '.join(problems)}; nothing was committed")
+    empty = [e.id for e in entries if e.rows is None and not sources.get(e.id)]
+    if empty:
+        log.warning("%d input file(s) held no image rows: %s", len(empty), empty[:5])
 
 
 def _result_from_manifest(manifest: dict, output: str, status: str) -> RunResult:

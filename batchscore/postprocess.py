@@ -33,8 +33,8 @@ class Postprocessor:
         probs, idx = torch.topk(scores, self.k, dim=-1, sorted=True)
         return idx.cpu().numpy(), probs.cpu().numpy().astype(np.float32)
 
-    def table(self, ids: np.ndarray, errors: list, idx: np.ndarray, probs: np.ndarray) -> pa.Table:
-        """Rows of `id, labels, probs, error`; rows with an error have null labels and probs.
+    def table(self, ids: np.ndarray, errors: list, idx: np.ndarray, probs: np.ndarray, meta: np.ndarray) -> pa.Table:
+        """Rows of `id, labels, probs, error, meta`; rows with an error have null labels and probs.
 
         `errors` holds "" for rows without an error; `idx` and `probs` hold one row per such
         row, in input order.
@@ -52,4 +52,5 @@ class Postprocessor:
             "labels": labels,
             "probs": scores,
             "error": pa.array(errors, pa.string()),
+            "meta": pa.array([str(m) for m in meta], pa.string()),
         })

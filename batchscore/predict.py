@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from batchscore.models import ModelInfo
+from batchscore.models import ModelInfo, local_path
 from batchscore.postprocess import Postprocessor
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Predictor:
         self.device, self.dtype = resolve_runtime(device, dtype)
         transformers.utils.logging.disable_progress_bar()
         net, info = AutoModelForImageClassification.from_pretrained(
-            model.path, dtype=self.dtype, use_safetensors=True, local_files_only=True,
+            local_path(model), dtype=self.dtype, use_safetensors=True, local_files_only=True,
             trust_remote_code=False, output_loading_info=True, attn_implementation="sdpa",
         )
         missing = sorted(info["missing_keys"])
@@ -115,7 +115,7 @@ class Predictor:
             with torch.inference_mode():
                 logits = self.net(pixel_values=self.normalize(pixels)).logits
             idx, probs = self.post(logits)
-        return self.post.table(batch["id"], errors, idx, probs)
+        return self.post.table(batch["id"], errors, idx, probs, batch["meta"])
 
     def normalize(self, pixels):
         """uint8 [N, 3, H, W] on the host → normalised model-dtype tensor on the device."""

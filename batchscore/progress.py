@@ -9,7 +9,7 @@ log = logging.getLogger("batchscore")
 
 
 class Progress:
-    def __init__(self, total: int, every_seconds: float):
+    def __init__(self, total: int | None, every_seconds: float):
         self.total = total
         self.every = every_seconds
         self.done = self.errors = 0
@@ -33,9 +33,13 @@ class Progress:
         return self.done / elapsed if elapsed > 0 else 0.0
 
     def line(self) -> str:
+        """E.g. `progress: 120/500 images (24.0%), 3 errors, 18.2 images/s, eta 21s`; without a
+        known total (tar shards, request files) the count and rate only."""
         rate = self.rate
-        left = self.total - self.done
-        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        head = f"progress: {self.done} images, {self.errors} errors, {rate:.1f} images/s"
+        if self.total is None:
+            return head
+        eta = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "?"
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (f"progress: {self.done}/{self.total} images ({pct:.1f}%), {self.errors} errors, "
                 f"{rate:.1f} images/s, eta {eta}")

@@ -7,7 +7,8 @@ Layout of an output directory (any fsspec URI):
     _manifest.json                                   run id, config, model, counts, files, timings
     _SUCCESS                                         written last; its absence means "not committed"
 
-Every table is cast to the schema in `schemas/predictions.v1.json` before it is written, so
+Every table is cast to the schema in `schemas/predictions.v1.json` (plus the configured
+passthrough columns, as nullable strings, after `run_id`) before it is written, so
 the files hold plain Arrow types (never Ray tensor extension types) and required columns
 are never null. Readers trust only the files the manifest lists.
 """
@@ -35,10 +36,11 @@ class SinkError(RuntimeError):
     """Output could not be written or does not match the schema."""
 
 
-def load_schema(path: Path = SCHEMA_FILE) -> pa.Schema:
-    """The output Arrow schema, from its JSON description."""
+def load_schema(path: Path = SCHEMA_FILE, passthrough: tuple[str, ...] = ()) -> pa.Schema:
+    """The output Arrow schema, from its JSON description, plus passthrough columns (strings)."""
     spec = json.loads(path.read_text())
     fields = [pa.field(f["name"], _arrow_type(f["type"]), nullable=f["nullable"]) for f in spec["fields"]]
+    fields += [pa.field(name, pa.string(), nullable=True) for name in passthrough]
     return pa.schema(fields, metadata={"batchscore.schema": f"{spec['name']}.v{spec['version']}"})
 
 
@@ -61,17 +63,26 @@ class PartFile:
 class StagedWriter:
     """Writes tables as Parquet part files under `<output>/_staging/<run_id>/`."""
 
-    def __init__(self, output: str, run_id: str, constants: dict[str, str], rows_per_file: int):
+    def __init__(self, output: str, run_id: str, constants: dict[str, str], rows_per_file: int,
+                 passthrough: tuple[str, ...] = ()):
         self.fs, self.root = fsutil.resolve(output)
         self.run_id = run_id
         self.staging = f"{self.root.rstrip('/')}/{STAGING}/{run_id}"
-        self.schema = load_schema()
+        self.schema = load_schema(passthrough=passthrough)
         self.constants = constants
         self.rows_per_file = rows_per_file
         self.parts: list[PartFile] = []
         self._file = self._writer = None
         self._rows_in_file = 0
-        self.fs.makedirs(self.staging, exist_ok=True)
+        if fsutil.is_local(self.fs):
+            self.fs.makedirs(self.staging, exist_ok=True)  # object stores have no folders to make
+        try:
+            # Fail now, not hours later when the first part file closes, if the output is not
+            # writable (a missing bucket, no permission).
+            with self.fs.open(f"{self.staging}/_started", "w") as f:
+                f.write(run_id + "\n")
+        except Exception as e:
+            raise SinkError(f"output {output!r} is not writable: {type(e).__name__}: {e}") from e
 
     def write(self, table: pa.Table) -> None:
         table = self.conform(table)
@@ -146,7 +157,7 @@ def commit(writer: StagedWriter, manifest: dict) -> str:
     if previous is not None:
         fs.rm(f"{root}/{SUCCESS}")
     for part in writer.parts:
-        fs.mv(f"{writer.staging}/{part.name}", f"{root}/{part.name}")
+        _move(fs, f"{writer.staging}/{part.name}", f"{root}/{part.name}")
     with fs.open(f"{root}/{MANIFEST}", "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     with fs.open(f"{root}/{SUCCESS}", "w") as f:
@@ -158,6 +169,16 @@ def commit(writer: StagedWriter, manifest: dict) -> str:
             if old["name"] not in keep and fs.exists(f"{root}/{old['name']}"):
                 fs.rm(f"{root}/{old['name']}")
     return fsutil.full_uri(fs, f"{root}/{MANIFEST}")
+
+
+def _move(fs, src: str, dst: str) -> None:
+    """A rename on local disks; copy then delete on object stores, where a move is exactly
+    that (gcsfs's `mv` first tries an API that emulators and flat buckets refuse, with retries)."""
+    if fsutil.is_local(fs):
+        fs.mv(src, dst)
+    else:
+        fs.copy(src, dst)
+        fs.rm(src)
 
 
 def _remove_staging(fs, staging: str) -> None:

@@ -9,6 +9,7 @@ nothing is downloaded. Photos are the real ones shipped inside scikit-image and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -75,6 +76,26 @@ def make_checkpoint(kind: str, path: Path, *, num_labels: int = len(LABELS), cal
     return path
 
 
+def put(uri: str, data: bytes) -> str:
+    """Writes one object or file (creating the bucket or folder), returns its URI."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if "://" in uri and not uri.startswith("file://"):
+        if not fs.exists(path.split("/")[0]):
+            fs.mkdir(path.split("/")[0])
+    else:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, data)
+    return uri
+
+
+def upload_dir(local_dir: Path, uri: str) -> None:
+    """Copies the files of a local folder under `uri`."""
+    for f in sorted(local_dir.iterdir()):
+        put(f"{uri.rstrip('/')}/{f.name}", f.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def session_tmp():
     d = Path(tempfile.mkdtemp(prefix="batchscore-tests-"))
@@ -124,8 +145,35 @@ def photos(session_tmp) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session, on loopback, stopped at the end."""
+def object_stores(session_tmp):
+    """A GCS emulator and a moto S3 server on loopback, started here and stopped by PID.
+
+    Their addresses go into the environment the way users point their own clients at them
+    (STORAGE_EMULATOR_HOST, AWS_ENDPOINT_URL), before Ray starts, so Ray workers and CLI
+    subprocesses inherit them. Model downloads go to a private cache.
+    """
+    from batchscore import emulators
+
+    servers = [emulators.start_gcs(session_tmp / "gcs.log"), emulators.start_s3(session_tmp / "s3.log")]
+    env = {k: v for server in servers for k, v in server.env.items()}
+    env["BATCHSCORE_CACHE"] = str(session_tmp / "cache")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for server in servers:
+        server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(object_stores):
+    """One local Ray for the whole session, on loopback, stopped at the end.
+
+    It starts after the object stores, so its workers see their addresses."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",

@@ -145,7 +145,7 @@ def test_bad_inputs_become_error_rows(data, reason):
     data = data() if callable(data) else data
     batch = {"id": np.array(["good", "bad"], dtype=object),
              "data": np.array([encode(gradient(), "PNG"), data], dtype=object),
-             "error": np.array(["", ""], dtype=object)}
+             "error": np.array(["", ""], dtype=object), "meta": np.array(["{}", "{}"], dtype=object)}
     out = decode_batch(batch, spec=spec(32, 48), max_image_pixels=50_000_000)
     assert out["error"][0] == ""
     assert out["error"][1].startswith(reason), out["error"][1]
@@ -159,7 +159,7 @@ def test_bomb_is_refused_before_decoding():
 
 def test_read_errors_pass_through():
     batch = {"id": np.array(["x"], dtype=object), "data": np.array([b""], dtype=object),
-             "error": np.array(["read: FileNotFoundError: x"], dtype=object)}
+             "error": np.array(["read: FileNotFoundError: x"], dtype=object), "meta": np.array(["{}"], dtype=object)}
     out = decode_batch(batch, spec=spec(8, 8), max_image_pixels=BIG)
     assert out["error"][0] == "read: FileNotFoundError: x"
 

@@ -116,7 +116,7 @@ def test_rerun_on_committed_output_is_a_noop_and_overwrite_replaces(ray_session,
 def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, photos, monkeypatch):
     config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]))
     info = models.resolve(config.model)
-    entries = listing.list_inputs(config.input, config.extensions)
+    entries = listing.list_inputs(config)
 
     def physical_plan() -> str:
         pipeline.build_dataset(config, info, entries).explain()
@@ -124,12 +124,12 @@ def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, pho
 
     plan = physical_plan()
     print(plan)
-    assert "TaskPoolMapOperator[MapBatches(fetch_bytes)->MapBatches(decode_batch)]" in plan
+    assert "TaskPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)]" in plan
     assert "ActorPoolMapOperator[MapBatches(Predictor)]" in plan
     # Negative control: with equal remote args Ray does fuse decode into the model actor.
     monkeypatch.setattr(pipeline, "actor_resources", lambda c: runtime.ActorResources(cpus=0.5, gpus=0.0))
     fused = physical_plan()
-    assert "ActorPoolMapOperator[MapBatches(fetch_bytes)->MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
+    assert "ActorPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
 
 
 def test_equal_decode_and_actor_cpus_are_refused(ray_session):
@@ -148,13 +148,15 @@ def test_nothing_is_committed_when_rows_go_missing(ray_session, tmp_path, photos
     """If a stage ever dropped rows, the run must fail instead of committing partial output."""
 
     def losing_dataset(config, model, entries):
-        rows = [{"id": e.id, "labels": None, "probs": None, "error": "x: y"} for e in entries[:-2]]
+        rows = [{"id": e.id, "labels": None, "probs": None, "error": "x: y",
+                 "meta": json.dumps({"source": e.id, "passthrough": {}})} for e in entries[:-2]]
         return ray_session.data.from_items(rows)
 
     monkeypatch.setattr(pipeline, "build_dataset", losing_dataset)
     config = ScoreConfig(input=(str(photos),), output=str(tmp_path / "out"), model=str(checkpoints["vit"]))
     n = len(list(photos.iterdir()))
-    with pytest.raises(sink.SinkError, match=rf"expected one row per input \({n} inputs\) but wrote {n - 2} rows"):
+    with pytest.raises(sink.SinkError, match=rf"expected one row per input \({n} inputs, {n} rows known in advance\) "
+                                             rf"but wrote {n - 2} rows: 2 input\(s\) gave the wrong number of rows"):
         pipeline.score(config)
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     assert not list((tmp_path / "out").glob("*.parquet"))
@@ -170,15 +172,15 @@ def test_python_api(ray_session, tmp_path, photos, checkpoints):
 
 
 def test_glob_and_file_inputs_are_taken_as_given(tmp_path, photos):
-    entries = listing.list_inputs((str(photos / "*.png"), str(photos / "rocket.jpg"), str(photos / "rocket.jpg")),
-                                  (".jpg",))
+    entries = listing.list_inputs(ScoreConfig(
+        input=(str(photos / "*.png"), str(photos / "rocket.jpg"), str(photos / "rocket.jpg")), extensions=(".jpg",)))
     names = [e.id.rsplit("/", 1)[-1] for e in entries]
     assert names == sorted(names) and "rocket.jpg" in names and names.count("rocket.jpg") == 1
     assert all(n.endswith((".png", ".jpg")) for n in names)
     with pytest.raises(listing.ListingError, match="no such file or directory"):
-        listing.list_inputs((str(tmp_path / "missing"),), (".jpg",))
+        listing.list_inputs(ScoreConfig(input=(str(tmp_path / "missing"),)))
     with pytest.raises(listing.ListingError, match="the glob matched no file"):
-        listing.list_inputs((str(tmp_path / "*.jpg"),), (".jpg",))
+        listing.list_inputs(ScoreConfig(input=(str(tmp_path / "*.jpg"),)))
 
 
 def test_demo_accuracy(ray_session, tmp_path):

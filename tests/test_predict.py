@@ -40,13 +40,15 @@ def test_rows_with_errors_skip_the_model_and_keep_their_error(checkpoints):
     p = predict.Predictor(info, "cpu", "fp32", top_k=2)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 3, 224, 224), dtype=np.uint8)
     out = p({"id": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
-             "error": np.array(["", "decode: empty file", ""], dtype=object)}).to_pylist()
+             "error": np.array(["", "decode: empty file", ""], dtype=object),
+             "meta": np.array(["m0", "m1", "m2"], dtype=object)}).to_pylist()
     assert [r["error"] for r in out] == [None, "decode: empty file", None]
+    assert [r["meta"] for r in out] == ["m0", "m1", "m2"]
     assert out[1]["labels"] is None and out[1]["probs"] is None
     assert len(out[0]["labels"]) == 2 and out[0]["probs"][0] >= out[0]["probs"][1]
     # The same image alone gives the same probabilities: the bad row did not shift anything.
     alone = p({"id": np.array(["c"], dtype=object), "pixels": pixels[2:],
-               "error": np.array([""], dtype=object)}).to_pylist()[0]
+               "error": np.array([""], dtype=object), "meta": np.array(["m2"], dtype=object)}).to_pylist()[0]
     assert alone["labels"] == out[2]["labels"] and np.allclose(alone["probs"], out[2]["probs"], atol=1e-5)
 
 
@@ -54,5 +56,5 @@ def test_all_rows_failed_batch(checkpoints):
     info = models.resolve(str(checkpoints["vit"]))
     p = predict.Predictor(info, "cpu", "fp32", top_k=3)
     out = p({"id": np.array(["a"], dtype=object), "pixels": np.zeros((1, 3, 224, 224), np.uint8),
-             "error": np.array(["read: gone"], dtype=object)})
-    assert out.to_pylist() == [{"id": "a", "labels": None, "probs": None, "error": "read: gone"}]
+             "error": np.array(["read: gone"], dtype=object), "meta": np.array(["m"], dtype=object)})
+    assert out.to_pylist() == [{"id": "a", "labels": None, "probs": None, "error": "read: gone", "meta": "m"}]
