@@ -72,8 +72,9 @@ def list_inputs(config: ScoreConfig) -> list[Entry]:
         else:
             skipped[_ending(uri) or "(none)"] += 1
     if skipped:
-        log.warning("skipped %d listed file(s) that are not %s inputs: %s (set input_format, or list them "
-                    "explicitly)", sum(skipped.values()), fmt,
+        what = "images" if fmt == "files" else f"{fmt} inputs"
+        log.warning("skipped %d listed file(s) that are not %s: %s (set input_format, or list them "
+                    "explicitly)", sum(skipped.values()), what,
                     ", ".join(f"{ext} x{n}" for ext, n in skipped.most_common()))
     if not chosen:
         raise ListingError(f"inputs {list(config.input)}: no {fmt} input found "
