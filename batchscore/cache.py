@@ -7,7 +7,7 @@ temporary folder and renames it into place (atomic on a local disk); processes t
 the lock then find it there. Every download appends a line to `downloads.log` in the cache.
 
 Only the files a checkpoint needs are fetched (configs and safetensors weights); pickle
-weights are never downloaded.
+weights are downloaded only with the allow_pickle setting.
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("BATCHSCORE_CACHE", "~/.cache/batchscore")).expanduser()
 
 
-def fetch_checkpoint(uri: str, expect_key: str | None = None) -> tuple[Path, str]:
+def fetch_checkpoint(uri: str, expect_key: str | None = None, allow_pickle: bool = False) -> tuple[Path, str]:
     """Returns (local folder, content key) of the checkpoint at `uri`, downloading it if needed.
 
     Args:
         uri: gs://, s3:// or any fsspec URI of a checkpoint folder.
         expect_key: The key the driver resolved; a different one means the checkpoint
             changed during the run, which is an error rather than a silent model switch.
+        allow_pickle: Also fetch `pytorch_model.bin` when the checkpoint has no
+            safetensors weights.
     """
     fs, root = fsutil.resolve(uri)
     root = root.rstrip("/")
@@ -56,7 +58,10 @@ def fetch_checkpoint(uri: str, expect_key: str | None = None) -> tuple[Path, str
     if not files:
         raise CacheError(f"model {uri!r}: no checkpoint files there (expected config.json, "
                          "preprocessor_config.json and model.safetensors)")
-    wanted = {rel: info for rel, info in files.items() if _wanted(rel)}
+    # Pickle weights only when there is nothing else: the same listing then always gives the
+    # same files and key, whatever allow_pickle says.
+    pickle_only = allow_pickle and not any(_is_safetensors(rel) for rel in files)
+    wanted = {rel: info for rel, info in files.items() if _wanted(rel, pickle_only)}
     key = _content_key(wanted)
     if expect_key is not None and key != expect_key:
         raise CacheError(f"model {uri!r} changed during the run (content key {key[:16]}, expected "
@@ -86,9 +91,12 @@ def fetch_checkpoint(uri: str, expect_key: str | None = None) -> tuple[Path, str
     return target, key
 
 
-def _wanted(rel: str) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    return "/" not in rel and (name in WANTED or (name.startswith("model-") and name.endswith(".safetensors")))
+def _is_safetensors(rel: str) -> bool:
+    return rel == "model.safetensors" or (rel.startswith("model-") and rel.endswith(".safetensors"))
+
+
+def _wanted(rel: str, pickle_only: bool) -> bool:
+    return rel in WANTED or _is_safetensors(rel) or (pickle_only and rel == "pytorch_model.bin")
 
 
 def _content_key(files: dict[str, dict]) -> str:

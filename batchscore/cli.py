@@ -20,6 +20,7 @@ from batchscore.config import ConfigError, ScoreConfig, field_names
 
 EXIT_OK = 0
 EXIT_BAD_JOB = 2  # bad config, inputs or checkpoint: fix the job, do not retry as is
+EXIT_BUDGET = 3  # more error rows than max_error_fraction allows; nothing was committed
 EXIT_FAILED = 4  # the run failed (infrastructure, output); nothing was committed
 
 log = logging.getLogger("batchscore")
@@ -43,18 +44,21 @@ def main(argv: list[str] | None = None) -> int:
 
         result = pipeline.score(config)
     except Exception as e:  # noqa: BLE001 - every failure ends as a message and an exit code
-        code = EXIT_BAD_JOB if _is_job_error(e) else EXIT_FAILED
+        code = _exit_code(e)
         log.error("%s: %s", type(e).__name__, e, exc_info=code == EXIT_FAILED)
         return code
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.summary())
     return EXIT_OK
 
 
-def _is_job_error(e: Exception) -> bool:
+def _exit_code(e: Exception) -> int:
+    from batchscore.budget import ErrorBudgetExceeded
     from batchscore.listing import ListingError
     from batchscore.models import ModelError
 
-    return isinstance(e, (ConfigError, ListingError, ModelError))
+    if isinstance(e, (ConfigError, ListingError, ModelError)):
+        return EXIT_BAD_JOB
+    return EXIT_BUDGET if isinstance(e, ErrorBudgetExceeded) else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,8 +46,12 @@ class ScoreConfig:
         passthrough: Input columns carried into the output as strings: manifest or parquet
             columns, or a tar sample's member of that extension (e.g. `cls`).
         read_retries: Attempts per read before a transient failure becomes an error row.
+        max_error_fraction: Fail the run, committing nothing, when more than this share of
+            rows are errors (stopping early once that is certain); 1.0 never fails.
         model: A local checkpoint directory or a gs://, s3:// URI of one (cached per node);
             None uses the demo checkpoint shipped inside the package.
+        allow_pickle: Accept a checkpoint whose weights are only pickle files
+            (pytorch_model.bin); they are then loaded with torch.load(weights_only=True).
         top_k: How many labels per image, most probable first; 0 keeps all classes.
         batch_size: Images per forward pass.
         dtype: Model dtype; auto = fp16 on CUDA, bf16 on a CPU with native bf16, else fp32.
@@ -77,7 +81,9 @@ class ScoreConfig:
     uri_column: str = "uri"
     passthrough: tuple[str, ...] = ()
     read_retries: int = 3
+    max_error_fraction: float = 0.1
     model: str | None = None
+    allow_pickle: bool = False
     top_k: int = 5
     batch_size: int = 16
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -156,6 +162,8 @@ class ScoreConfig:
         clash = sorted(set(self.passthrough) & set(RESERVED_COLUMNS))
         need(not clash, f"passthrough: {clash} would overwrite output columns {list(RESERVED_COLUMNS)}")
         need(len(set(self.passthrough)) == len(self.passthrough), f"passthrough: duplicate names in {list(self.passthrough)}")
+        need(0.0 <= self.max_error_fraction <= 1.0,
+             f"max_error_fraction: expected a number from 0 to 1, got {self.max_error_fraction}")
         need(self.read_retries >= 1, f"read_retries: expected a number >= 1, got {self.read_retries}")
         need(self.dtype in DTYPES, f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.device in DEVICES, f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")

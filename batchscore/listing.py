@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -89,6 +90,14 @@ def list_inputs(config: ScoreConfig) -> list[Entry]:
         entries = [Entry(id=uri, uri=uri, kind=fmt, size=size, rows=None) for uri, size in chosen]
     log.info("input format %s: %d %s", fmt, len(entries), "images" if fmt in ("files", "manifest") else "files")
     return entries
+
+
+def listing_hash(entries: list[Entry]) -> str:
+    """sha256 of what was listed (ids, sizes, known row counts): equal listings, equal hash."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{e.id}\t{e.size}\t{e.rows}\n".encode())
+    return h.hexdigest()
 
 
 # -- files ------------------------------------------------------------------------------

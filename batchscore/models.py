@@ -17,7 +17,7 @@ from pathlib import Path
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "checkpoint"
 
-_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+_PICKLE_WEIGHTS = ("pytorch_model.bin",)
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 # Keys of a preprocessor config that do not change the pixels of a classification input.
 _INERT_PREPROCESSOR_KEYS = {
@@ -70,6 +70,7 @@ class ModelInfo:
     multi_label: bool
     preprocess: PreprocessSpec
     cache_key: str | None = None  # content key of a checkpoint fetched from a bucket
+    weights_format: str = "safetensors"  # or "pickle", only with allow_pickle
 
     @property
     def tag(self) -> str:
@@ -77,12 +78,14 @@ class ModelInfo:
         return f"{self.name}@sha256:{self.weights_sha256[:16]}"
 
 
-def resolve(ref: str | None) -> ModelInfo:
+def resolve(ref: str | None, allow_pickle: bool = False) -> ModelInfo:
     """Resolves a model reference to a local checkpoint and reads its metadata.
 
     Args:
         ref: A local checkpoint directory, a gs:// or s3:// URI of one (fetched into the
             node's cache, see `batchscore.cache`), or None for the demo checkpoint.
+        allow_pickle: Accept pickle weights when there are no safetensors ones; they are
+            loaded with `torch.load(weights_only=True)`, which needs torch >= 2.6.
 
     Raises:
         ModelError: The checkpoint does not exist, lacks a file, holds only pickle weights,
@@ -93,7 +96,7 @@ def resolve(ref: str | None) -> ModelInfo:
         from batchscore import cache
 
         try:
-            path, cache_key = cache.fetch_checkpoint(ref)
+            path, cache_key = cache.fetch_checkpoint(ref, allow_pickle=allow_pickle)
         except cache.CacheError as e:
             raise ModelError(str(e)) from None
     else:
@@ -107,14 +110,19 @@ def resolve(ref: str | None) -> ModelInfo:
         if not (path / needed).is_file():
             raise ModelError(f"model {ref!r}: {needed} is missing from {path}")
     weights = [path / w for w in _SAFETENSORS if (path / w).is_file()]
+    weights_format = "safetensors"
     if not weights:
         pickles = [w for w in _PICKLE_WEIGHTS if (path / w).is_file()]
-        if pickles:
+        if not pickles:
+            raise ModelError(f"model {ref!r}: no model.safetensors in {path}")
+        if not allow_pickle:
             raise ModelError(
                 f"model {ref!r}: only pickle weights found ({', '.join(pickles)}); batchscore loads "
-                "safetensors only. Convert with `model.save_pretrained(dir, safe_serialization=True)`"
+                "safetensors only unless --allow-pickle is given. Better: convert once with "
+                "`model.save_pretrained(dir, safe_serialization=True)`"
             )
-        raise ModelError(f"model {ref!r}: no model.safetensors in {path}")
+        _require_safe_torch_load(ref)
+        weights, weights_format = [path / pickles[0]], "pickle"
     config = json.loads((path / "config.json").read_text())
     labels, multi_label = _labels(config, ref)
     return ModelInfo(
@@ -128,6 +136,7 @@ def resolve(ref: str | None) -> ModelInfo:
         multi_label=multi_label,
         preprocess=preprocess_spec(path),
         cache_key=cache_key,
+        weights_format=weights_format,
     )
 
 
@@ -137,7 +146,17 @@ def local_path(model: ModelInfo) -> str:
         return model.path
     from batchscore import cache
 
-    return str(cache.fetch_checkpoint(model.ref, expect_key=model.cache_key)[0])
+    allow_pickle = model.weights_format == "pickle"
+    return str(cache.fetch_checkpoint(model.ref, expect_key=model.cache_key, allow_pickle=allow_pickle)[0])
+
+
+def _require_safe_torch_load(ref: str | None) -> None:
+    import torch
+    from packaging.version import Version
+
+    if Version(torch.__version__.split("+")[0]) < Version("2.6"):
+        raise ModelError(f"model {ref!r}: pickle weights need torch >= 2.6 for a safe weights_only load "
+                         f"(CVE-2025-32434); this is torch {torch.__version__}")
 
 
 def _is_remote(ref: str) -> bool:
@@ -214,7 +233,7 @@ def preprocess_spec(path: Path) -> PreprocessSpec:
 
 def _sha256_weights(path: Path, weights: Path) -> str:
     files = [weights]
-    if weights.name.endswith(".index.json"):
+    if weights.name.endswith(".safetensors.index.json"):
         shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
         files = [path / s for s in shards]
     h = hashlib.sha256()

@@ -19,6 +19,7 @@ import uuid
 import ray
 
 from batchscore import decode, listing, models, predict, read, sink
+from batchscore.budget import ErrorBudget
 from batchscore.config import ScoreConfig
 from batchscore.progress import Progress
 from batchscore.result import RunResult
@@ -68,6 +69,8 @@ def score(config: ScoreConfig) -> RunResult:
 
     Raises:
         ConfigError, ListingError, ModelError: bad settings, inputs or checkpoint.
+        ErrorBudgetExceeded: more error rows than `max_error_fraction` allows; nothing is
+            committed, `_errors.json` is written beside the staged files.
         SinkError: the output could not be written or the rows do not match the inputs;
             nothing is committed then.
     """
@@ -80,7 +83,7 @@ def score(config: ScoreConfig) -> RunResult:
         log.info("output %s already holds committed run %s", config.output, previous["run_id"])
         return _result_from_manifest(previous, config.output, "already_committed")
 
-    model = models.resolve(config.model)
+    model = models.resolve(config.model, allow_pickle=config.allow_pickle)
     resolved = time.monotonic()
     log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
              resolved - started)
@@ -96,21 +99,24 @@ def score(config: ScoreConfig) -> RunResult:
     ds = build_dataset(config, model, entries)
     known_rows = sum(e.rows for e in entries) if all(e.rows is not None for e in entries) else None
     progress = Progress(total=known_rows, every_seconds=config.progress_seconds)
+    budget = ErrorBudget(config.max_error_fraction, known_rows)
     seen: set[str] = set()
     sources: collections.Counter[str] = collections.Counter()
-    errors_by_code: collections.Counter[str] = collections.Counter()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         batch, batch_sources = read.unpack_meta(batch, config.passthrough)
         sources.update(batch_sources)
-        ids = batch.column("id").to_pylist()
+        ids, errors = batch.column("id").to_pylist(), batch.column("error").to_pylist()
         seen.update(ids)
-        batch_errors = [e for e in batch.column("error").to_pylist() if e is not None]
-        errors_by_code.update(e.split(":", 1)[0] for e in batch_errors)
+        budget.add(ids, errors)
         writer.write(batch)
-        progress.update(len(ids), len(batch_errors))
+        progress.update(len(ids), len(errors) - errors.count(None))
+        if budget.blown_early():
+            break  # leaving the iterator stops the Ray Data execution
     parts = writer.close()
     scored = time.monotonic()
     log.info("%s", progress.line())
+    if budget.blown():
+        raise budget.fail(run_id, aborted_early=budget.blown_early(), write=writer.write_text)
 
     _check_rows(entries, seen, sources, sum(p.rows for p in parts))
     seconds = time.monotonic() - started
@@ -119,10 +125,12 @@ def score(config: ScoreConfig) -> RunResult:
         "schema": "batchscore.predictions.v1",
         "config": config.to_dict(),
         "model": {"ref": model.ref, "name": model.name, "tag": model.tag, "model_type": model.model_type,
-                  "weights_sha256": model.weights_sha256, "num_labels": len(model.labels),
+                  "weights_sha256": model.weights_sha256, "weights_format": model.weights_format,
+                  "num_labels": len(model.labels),
                   "preprocess": model.preprocess.__dict__},
+        "inputs_sha256": listing.listing_hash(entries),
         "counts": {"inputs": len(entries), "input_format": entries[0].kind, "rows": progress.done, "scored": progress.done - progress.errors,
-                   "errors": progress.errors, "errors_by_code": dict(errors_by_code)},
+                   "errors": progress.errors, "errors_by_code": dict(budget.by_code)},
         "files": [p.__dict__ for p in parts],
         "timings": {"model_seconds": round(resolved - started, 3), "listing_seconds": round(listed - resolved, 3),
                     "scoring_seconds": round(scored - listed, 3),

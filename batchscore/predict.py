@@ -85,8 +85,9 @@ class Predictor:
         self.device, self.dtype = resolve_runtime(device, dtype)
         transformers.utils.logging.disable_progress_bar()
         net, info = AutoModelForImageClassification.from_pretrained(
-            local_path(model), dtype=self.dtype, use_safetensors=True, local_files_only=True,
-            trust_remote_code=False, output_loading_info=True, attn_implementation="sdpa",
+            local_path(model), dtype=self.dtype, use_safetensors=model.weights_format == "safetensors",
+            weights_only=True, local_files_only=True, trust_remote_code=False, output_loading_info=True,
+            attn_implementation="sdpa",
         )
         missing = sorted(info["missing_keys"])
         if missing:

@@ -116,6 +116,13 @@ class StagedWriter:
                 raise SinkError(f"column {f.name!r} must not be null, but {table.column(f.name).null_count} rows are")
         return table
 
+    def write_text(self, name: str, text: str) -> str:
+        """Writes a small file beside the staged parts; returns its URI."""
+        path = f"{self.staging}/{name}"
+        with self.fs.open(path, "w") as f:
+            f.write(text)
+        return fsutil.full_uri(self.fs, path)
+
     def close(self) -> list[PartFile]:
         if self._writer is not None:
             self._close_part()

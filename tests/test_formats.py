@@ -66,7 +66,7 @@ def test_webdataset_tar_shards_on_gcs(ray_session, tmp_path, images, checkpoints
     whole = tar_bytes([("005.jpg", images["china.jpg"]), ("006.jpg", images["rocket.jpg"])])
     s2 = put(f"{base}/shard-000002.tar", whole[: len(whole) - len(images["rocket.jpg"]) // 2 - 1024])
     result = pipeline.score(ScoreConfig(input=(base,), output=str(tmp_path / "out"), model=str(checkpoints["vit"]),
-                                        passthrough=("cls",), top_k=2))
+                                        passthrough=("cls",), top_k=2, max_error_fraction=1.0))
     rows = by_id(result)
     assert set(rows) == {f"{s0}#s/000.jpg", f"{s0}#s/001.png", f"{s0}#s/002", f"{s0}#s/003.jpg",
                          f"{s1}#004.webp.png", f"{s2}#005.jpg", s2}
@@ -91,7 +91,7 @@ def test_parquet_with_image_bytes_on_s3(ray_session, tmp_path, images, checkpoin
         pq.write_table(table, buf, row_group_size=2)
         put(f"s3://bs-formats/pq/{name}", buf.getvalue())
     config = ScoreConfig(input=("s3://bs-formats/pq/",), output=str(tmp_path / "out"), model=str(checkpoints["vit"]),
-                         id_column="key", passthrough=("label",), decode_batch_size=3)
+                         id_column="key", passthrough=("label",), decode_batch_size=3, max_error_fraction=1.0)
     entries = listing.list_inputs(config)
     assert [(e.kind, e.rows) for e in entries] == [("parquet", 5), ("parquet", 2)]
     rows = by_id(pipeline.score(config))
@@ -115,7 +115,7 @@ def test_manifest_of_uris_everywhere(ray_session, tmp_path, photos, images, chec
         (http_missing, "gone"), (gs_uri, "duplicate")])
     manifest = put("s3://bs-formats/m/manifest.csv", csv.encode())
     result = pipeline.score(ScoreConfig(input=(manifest,), output=str(tmp_path / "out"), model=str(checkpoints["vit"]),
-                                        passthrough=("label",)))
+                                        passthrough=("label",), max_error_fraction=1.0))
     rows = by_id(result)
     assert set(rows) == {gs_uri, s3_uri, local, http, missing, http_missing}  # the duplicate is scored once
     assert {u: rows[u]["label"] for u in rows} == {gs_uri: "rocket", s3_uri: "cat", local: "coffee", http: "city",
@@ -150,7 +150,7 @@ def test_azureml_request_files(ray_session, tmp_path, images, checkpoints, http_
         {"input_data": {"columns": ["image"], "index": [10, 11], "data": [[b64("coffee.png")], [42]]}}).encode())
     broken = put(str(tmp_path / "in" / "batch-3.json"), b'{"inputs": []}')
     result = pipeline.score(ScoreConfig(input=(str(tmp_path / "in"),), output=str(tmp_path / "out"),
-                                        model=str(checkpoints["deit"])))
+                                        model=str(checkpoints["deit"]), max_error_fraction=1.0))
     rows = by_id(result)
     assert set(rows) == {f"{plain}#0", f"{plain}#1", f"{plain}#2", f"{plain}#3", f"{split}#10", f"{split}#11", broken}
     assert [rows[f"{plain}#{i}"]["error"] for i in (0, 1, 3)] == [None, None, None]

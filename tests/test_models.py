@@ -31,11 +31,60 @@ def test_missing_directory_says_where(no_network, tmp_path):
         models.resolve(str(tmp_path / "nope"))
 
 
-def test_pickle_only_checkpoint_is_refused(tmp_path):
-    ckpt = make_checkpoint("vit", tmp_path / "m")
-    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
-    with pytest.raises(ModelError, match=r"only pickle weights found \(pytorch_model.bin\).*safetensors only"):
+def pickle_twin(src, dst, state=None):
+    """The same checkpoint with its weights as pytorch_model.bin (or `state` pickled instead)."""
+    import torch
+    from safetensors.torch import load_file
+
+    dst.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(src / name, dst / name)
+    torch.save(load_file(src / "model.safetensors") if state is None else state, dst / "pytorch_model.bin")
+    return dst
+
+
+def test_pickle_only_checkpoint_is_refused_without_allow_pickle(tmp_path):
+    ckpt = pickle_twin(make_checkpoint("vit", tmp_path / "m"), tmp_path / "pk")
+    with pytest.raises(ModelError, match=r"only pickle weights found \(pytorch_model.bin\).*unless --allow-pickle"):
         models.resolve(str(ckpt))
+
+
+def test_allowed_pickle_checkpoint_scores_like_its_safetensors_twin(tmp_path):
+    import numpy as np
+
+    from batchscore.predict import Predictor
+
+    st = make_checkpoint("vit", tmp_path / "st")
+    info = models.resolve(str(pickle_twin(st, tmp_path / "pk")), allow_pickle=True)
+    assert info.weights_format == "pickle"
+    batch = {"id": np.array(["a", "b"], dtype=object), "error": np.array(["", ""], dtype=object),
+             "meta": np.array(["", ""], dtype=object),
+             "pixels": np.random.default_rng(0).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)}
+    ours = Predictor(info, "cpu", "fp32", top_k=0)(batch).to_pylist()
+    twin = Predictor(models.resolve(str(st)), "cpu", "fp32", top_k=0)(batch).to_pylist()
+    assert [r["labels"] for r in ours] == [r["labels"] for r in twin]
+    assert np.allclose([r["probs"] for r in ours], [r["probs"] for r in twin], atol=1e-6)
+
+
+class _Evil:
+    """Unpickling this would create a file: what a booby-trapped checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_booby_trapped_pickle_is_not_executed_even_when_allowed(tmp_path):
+    from batchscore.predict import Predictor
+
+    marker = tmp_path / "pwned"
+    ckpt = pickle_twin(make_checkpoint("vit", tmp_path / "m"), tmp_path / "pk", state={"w": _Evil(str(marker))})
+    info = models.resolve(str(ckpt), allow_pickle=True)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|not an allowed global|Unsupported global"):
+        Predictor(info, "cpu", "fp32", top_k=1)
+    assert not marker.exists()
 
 
 def test_headless_checkpoint_is_refused(tmp_path):

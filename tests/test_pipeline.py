@@ -44,7 +44,7 @@ def mixed_inputs(session_tmp, photos) -> tuple[Path, dict[str, str]]:
 def mixed_run(ray_session, mixed_inputs, checkpoints, session_tmp):
     folder, _ = mixed_inputs
     config = ScoreConfig(input=(str(folder),), output=str(session_tmp / "out-mixed"), model=str(checkpoints["deit"]),
-                         top_k=3, batch_size=4, rows_per_file=8)
+                         top_k=3, batch_size=4, rows_per_file=8, max_error_fraction=1.0)
     return pipeline.score(config)
 
 
@@ -97,13 +97,16 @@ def test_commit_markers_are_written_after_the_data(mixed_run):
     assert success.read_text().strip() == mixed_run.run_id
     assert max(p.stat().st_mtime_ns for p in parts) <= manifest.stat().st_mtime_ns <= success.stat().st_mtime_ns
     assert not (out / "_staging").exists()
-    assert json.loads(manifest.read_text())["config"]["top_k"] == 3
+    written = json.loads(manifest.read_text())
+    assert written["config"]["top_k"] == 3 and written["config"]["max_error_fraction"] == 1.0
+    assert len(written["inputs_sha256"]) == 64 and len(written["model"]["weights_sha256"]) == 64
 
 
 def test_rerun_on_committed_output_is_a_noop_and_overwrite_replaces(ray_session, mixed_run, mixed_inputs,
                                                                     checkpoints):
     folder, _ = mixed_inputs
-    config = ScoreConfig(input=(str(folder),), output=mixed_run.output, model=str(checkpoints["deit"]), top_k=3)
+    config = ScoreConfig(input=(str(folder),), output=mixed_run.output, model=str(checkpoints["deit"]), top_k=3,
+                         max_error_fraction=1.0)
     again = pipeline.score(config)
     assert again.status == "already_committed" and again.run_id == mixed_run.run_id
     replaced = pipeline.score(config.with_overrides(overwrite=True, top_k=1))
@@ -148,7 +151,7 @@ def test_nothing_is_committed_when_rows_go_missing(ray_session, tmp_path, photos
     """If a stage ever dropped rows, the run must fail instead of committing partial output."""
 
     def losing_dataset(config, model, entries):
-        rows = [{"id": e.id, "labels": None, "probs": None, "error": "x: y",
+        rows = [{"id": e.id, "labels": ["can"], "probs": [0.9], "error": None,
                  "meta": json.dumps({"source": e.id, "passthrough": {}})} for e in entries[:-2]]
         return ray_session.data.from_items(rows)
 
@@ -203,7 +206,7 @@ def test_cli_end_to_end_with_progress_in_a_non_tty_log(tmp_path, mixed_inputs, c
     folder, bad = mixed_inputs
     out = tmp_path / "cli-out"
     proc = run_cli("score", "--input", str(folder), "--output", str(out), "--model", str(checkpoints["vit"]),
-                   "--progress-seconds", "0.1", "--batch-size", "4")
+                   "--progress-seconds", "0.1", "--batch-size", "4", "--max-error-fraction", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = len(list(folder.iterdir()))
     assert f"{n} rows, {n - len(bad)} scored, {len(bad)} errors (decode={len(bad)})" in proc.stdout

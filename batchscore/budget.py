@@ -1,0 +1,60 @@
+"""Error budget: fail a run whose share of error rows is above `max_error_fraction`.
+
+Like Azure ML's `error_threshold`, but a fraction. When the total number of rows is known in
+advance (image files, manifests, Parquet), the run stops as soon as the budget is provably
+blown (more errors than F x total, whatever the rest gives); otherwise it is judged at the
+end. Either way nothing is committed, and the error summary is written next to the staged
+files as `_errors.json`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+EXAMPLES = 20
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """The run had more error rows than its budget allows; nothing was committed."""
+
+
+class ErrorBudget:
+    def __init__(self, max_fraction: float, expected_rows: int | None):
+        self.max_fraction = max_fraction
+        self.expected = expected_rows
+        self.rows = self.errors = 0
+        self.by_code: collections.Counter[str] = collections.Counter()
+        self.examples: list[dict[str, str]] = []
+
+    def add(self, ids: list[str], errors: list[str | None]) -> None:
+        self.rows += len(ids)
+        for id_, error in zip(ids, errors):
+            if error is not None:
+                self.errors += 1
+                self.by_code[error.split(":", 1)[0]] += 1
+                if len(self.examples) < EXAMPLES:
+                    self.examples.append({"id": id_, "error": error})
+
+    def blown_early(self) -> bool:
+        """True once the errors alone exceed the budget of the whole run."""
+        return self.expected is not None and self.errors > self.max_fraction * self.expected
+
+    def blown(self) -> bool:
+        return self.errors > self.max_fraction * max(self.rows, 1)
+
+    def summary(self, run_id: str, aborted_early: bool) -> dict:
+        return {"run_id": run_id, "max_error_fraction": self.max_fraction, "rows_seen": self.rows,
+                "rows_expected": self.expected, "errors": self.errors, "errors_by_code": dict(self.by_code),
+                "aborted_early": aborted_early, "examples": self.examples}
+
+    def fail(self, run_id: str, aborted_early: bool, write) -> ErrorBudgetExceeded:
+        """Writes the summary with `write(name, text)` and returns the exception to raise."""
+        summary = self.summary(run_id, aborted_early)
+        where = write("_errors.json", json.dumps(summary, indent=2))
+        total = self.expected if aborted_early else self.rows
+        codes = ", ".join(f"{k}={v}" for k, v in self.by_code.most_common())
+        return ErrorBudgetExceeded(
+            f"{self.errors} error rows ({codes}) of {total} exceed max_error_fraction={self.max_fraction:g}"
+            f"{' (stopped early: the budget could no longer be met)' if aborted_early else ''}; "
+            f"nothing was committed; summary and examples in {where}")

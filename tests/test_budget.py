@@ -1,0 +1,76 @@
+"""The error budget: too many error rows fail the run, early when certain, committing nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from batchscore import pipeline
+from batchscore.budget import ErrorBudget, ErrorBudgetExceeded
+from batchscore.cli import EXIT_BUDGET, _exit_code
+from batchscore.config import ScoreConfig
+
+
+@pytest.fixture()
+def folder(tmp_path, photos):
+    """13 inputs: 10 real photos and 3 zero-byte files."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for p in sorted(photos.iterdir())[:10]:
+        shutil.copy(p, d / p.name)
+    for i in range(3):
+        (d / f"empty-{i}.jpg").write_bytes(b"")
+    return d
+
+
+def staged_summary(out) -> dict:
+    (errors_file,) = out.glob("_staging/*/_errors.json")
+    return json.loads(errors_file.read_text())
+
+
+def test_over_budget_fails_and_commits_nothing(ray_session, tmp_path, folder, checkpoints):
+    out = tmp_path / "out"
+    config = ScoreConfig(input=(str(folder),), output=str(out), model=str(checkpoints["vit"]), max_error_fraction=0.2)
+    with pytest.raises(ErrorBudgetExceeded, match=r"3 error rows \(decode=3\) of 13 exceed max_error_fraction=0.2"):
+        pipeline.score(config)
+    assert not (out / "_SUCCESS").exists() and not list(out.glob("*.parquet"))
+    summary = staged_summary(out)
+    assert summary["errors"] == 3 and summary["errors_by_code"] == {"decode": 3}
+    assert {e["id"].rsplit("/", 1)[-1] for e in summary["examples"]} == {"empty-0.jpg", "empty-1.jpg", "empty-2.jpg"}
+    # Within budget (3 <= 0.25 x 13), the same inputs commit.
+    result = pipeline.score(config.with_overrides(max_error_fraction=0.25))
+    assert result.status == "committed" and result.errors == 3
+
+
+def test_blown_budget_stops_early(ray_session, tmp_path, photos, checkpoints):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(300):
+        (d / f"a-broken-{i:03d}.jpg").write_bytes(b"")  # sorted first, so they are read first
+    for p in sorted(photos.iterdir())[:5]:
+        shutil.copy(p, d / f"z-{p.name}")
+    out = tmp_path / "out"
+    with pytest.raises(ErrorBudgetExceeded, match="stopped early"):
+        pipeline.score(ScoreConfig(input=(str(d),), output=str(out), model=str(checkpoints["vit"]),
+                                   max_error_fraction=0.1, decode_batch_size=16, batch_size=16))
+    summary = staged_summary(out)
+    print(f"FIGURE budget 0.1 over 305 inputs: stopped after {summary['rows_seen']} rows, {summary['errors']} errors")
+    assert summary["aborted_early"] and summary["rows_seen"] < 305 and summary["errors"] > 30
+    assert not (out / "_SUCCESS").exists()
+
+
+def test_budget_arithmetic():
+    b = ErrorBudget(0.1, expected_rows=100)
+    b.add([f"i{n}" for n in range(10)], ["decode: x"] * 10)
+    assert not b.blown_early() and b.blown()  # 10 of 10 so far, but 10 <= 0.1 x 100 is still possible
+    b.add(["i10"], ["read: y"])
+    assert b.blown_early() and b.by_code == {"decode": 10, "read": 1}
+    unknown = ErrorBudget(0.5, expected_rows=None)
+    unknown.add(["a", "b", "c"], [None, "read: z", None])
+    assert not unknown.blown_early() and not unknown.blown()
+
+
+def test_exit_code_for_a_blown_budget():
+    assert _exit_code(ErrorBudgetExceeded("x")) == EXIT_BUDGET == 3
