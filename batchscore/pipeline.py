@@ -29,7 +29,7 @@ log = logging.getLogger("batchscore")
 
 
 def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry]) -> ray.data.Dataset:
-    """The Ray Data plan: rows of {id, labels, probs, error}, one per entry."""
+    """The Ray Data plan: rows of {id, labels, probs, error, meta}, one per image."""
     resources = actor_resources(config)
     # read + decode: plain functions in CPU tasks. Same remote args, so Ray fuses them into one
     # task (bytes stay in the task); different ones from predict, so decode never runs inside
@@ -119,30 +119,36 @@ def score(config: ScoreConfig) -> RunResult:
         raise budget.fail(run_id, aborted_early=budget.blown_early(), write=writer.write_text)
 
     _check_rows(entries, seen, sources, sum(p.rows for p in parts))
-    seconds = time.monotonic() - started
-    manifest = {
+    timings = {"model_seconds": resolved - started, "listing_seconds": listed - resolved,
+               "scoring_seconds": scored - listed, "first_row_seconds": progress.first_row_seconds or 0.0,
+               "total_seconds": time.monotonic() - started}
+    manifest = _manifest(config, model, entries, run_id, budget, parts, timings, started_at)
+    sink.commit(writer, manifest)
+    return _result_from_manifest(manifest, config.output, "committed")
+
+
+def _manifest(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry], run_id: str,
+              budget: ErrorBudget, parts: list[sink.PartFile], timings: dict[str, float], started_at: str) -> dict:
+    """Everything a reader or a later run needs to know about this run."""
+    scoring = timings["scoring_seconds"]
+    return {
         "run_id": run_id,
         "schema": "batchscore.predictions.v1",
         "config": config.to_dict(),
         "model": {"ref": model.ref, "name": model.name, "tag": model.tag, "model_type": model.model_type,
                   "weights_sha256": model.weights_sha256, "weights_format": model.weights_format,
-                  "num_labels": len(model.labels),
-                  "preprocess": model.preprocess.__dict__},
+                  "num_labels": len(model.labels), "preprocess": model.preprocess.__dict__},
         "inputs_sha256": listing.listing_hash(entries),
-        "counts": {"inputs": len(entries), "input_format": entries[0].kind, "rows": progress.done, "scored": progress.done - progress.errors,
-                   "errors": progress.errors, "errors_by_code": dict(budget.by_code)},
+        "counts": {"inputs": len(entries), "input_format": entries[0].kind, "rows": budget.rows,
+                   "scored": budget.rows - budget.errors, "errors": budget.errors,
+                   "errors_by_code": dict(budget.by_code)},
         "files": [p.__dict__ for p in parts],
-        "timings": {"model_seconds": round(resolved - started, 3), "listing_seconds": round(listed - resolved, 3),
-                    "scoring_seconds": round(scored - listed, 3),
-                    "first_row_seconds": round(progress.first_row_seconds or 0.0, 3),
-                    "total_seconds": round(seconds, 3),
-                    "images_per_second": round(progress.done / (scored - listed), 2) if scored > listed else 0.0},
+        "timings": {**{k: round(v, 3) for k, v in timings.items()},
+                    "images_per_second": round(budget.rows / scoring, 2) if scoring > 0 else 0.0},
         "started_at": started_at,
         "finished_at": _now(),
         "versions": _versions(),
     }
-    sink.commit(writer, manifest)
-    return _result_from_manifest(manifest, config.output, "committed")
 
 
 def _check_rows(entries: list[listing.Entry], seen: set[str], sources: collections.Counter, rows: int) -> None:

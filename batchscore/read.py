@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import tarfile
 import time
 from collections.abc import Iterator
@@ -36,8 +35,6 @@ import ray
 
 from batchscore import fs as fsutil
 from batchscore.listing import Entry
-
-log = logging.getLogger(__name__)
 
 FILES_PER_BLOCK = 64
 RETRY_BASE_SECONDS = 0.5
