@@ -4,8 +4,10 @@ Layout of an output directory (any fsspec URI):
 
     _staging/<run_id>/part-<run_id>-00000.parquet   while the run is going
     part-<run_id>-00000.parquet                      after commit
-    _manifest.json                                   run id, config, model, counts, files, timings
-    _SUCCESS                                         written last; its absence means "not committed"
+    _manifests/<run_id>.json                         each committed run's manifest, kept
+    _manifest.json                                   the same, for the current run
+    _SUCCESS                                         written last: the committed run's id; the
+                                                     commit point (a single-object write)
 
 Every table is cast to the schema in `schemas/predictions.v1.json` (plus the configured
 passthrough columns, as nullable strings, after `run_id`) before it is written, so
@@ -26,6 +28,7 @@ from batchscore import fs as fsutil
 
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "predictions.v1.json"
 MANIFEST = "_manifest.json"
+MANIFESTS = "_manifests"
 SUCCESS = "_SUCCESS"
 STAGING = "_staging"
 
@@ -144,37 +147,52 @@ class StagedWriter:
 
 
 def read_manifest(output: str) -> dict | None:
-    """The manifest of the committed run in `output`, or None when nothing is committed."""
+    """The manifest of the committed run in `output`, or None when nothing is committed.
+
+    `_SUCCESS` names the committed run; its manifest is `_manifests/<run_id>.json` (kept for
+    every committed run). `_manifest.json` is the same document for people and tools, and
+    is trusted only when its run id is the one `_SUCCESS` names.
+    """
     fs, root = fsutil.resolve(output)
     root = root.rstrip("/")
-    if not fs.exists(f"{root}/{SUCCESS}"):
+    try:
+        run_id = fs.cat_file(f"{root}/{SUCCESS}").decode().strip()
+    except FileNotFoundError:
         return None
-    with fs.open(f"{root}/{MANIFEST}", "rb") as f:
-        return json.load(f)
+    for path in (f"{root}/{MANIFESTS}/{run_id}.json", f"{root}/{MANIFEST}"):
+        try:
+            manifest = json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            continue
+        if manifest.get("run_id") == run_id:
+            return manifest
+    raise SinkError(f"{output}: {SUCCESS} names run {run_id!r} but no manifest of that run was found")
 
 
 def commit(writer: StagedWriter, manifest: dict) -> str:
-    """Moves the staged parts into the output, then writes the manifest, then `_SUCCESS`.
+    """Commits a run: parts into the output, its manifests, then `_SUCCESS`, the commit point.
 
-    A committed run already in the output (overwrite) stops counting as committed first and
-    its files are deleted only after the new run is committed. Returns the manifest's URI.
+    Until `_SUCCESS` is rewritten, a run already committed in the output (overwrite) stays
+    committed and readable: the new parts have new names, and its own manifest is kept in
+    `_manifests/`. Part files no longer committed are deleted only after the new run is
+    committed. Returns the manifest's URI.
     """
     fs, root = writer.fs, writer.root.rstrip("/")
-    previous = read_manifest(writer.root) if fs.exists(f"{root}/{SUCCESS}") else None
-    if previous is not None:
-        fs.rm(f"{root}/{SUCCESS}")
     for part in writer.parts:
         _move(fs, f"{writer.staging}/{part.name}", f"{root}/{part.name}")
-    with fs.open(f"{root}/{MANIFEST}", "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    with fs.open(f"{root}/{SUCCESS}", "w") as f:
-        f.write(manifest["run_id"] + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    if fsutil.is_local(fs):
+        fs.makedirs(f"{root}/{MANIFESTS}", exist_ok=True)
+    fs.pipe_file(f"{root}/{MANIFESTS}/{manifest['run_id']}.json", text.encode())
+    fs.pipe_file(f"{root}/{MANIFEST}", text.encode())
+    fs.pipe_file(f"{root}/{SUCCESS}", (manifest["run_id"] + "\n").encode())  # the commit point
     _remove_staging(fs, writer.staging)
-    if previous is not None:
-        keep = {p.name for p in writer.parts}
-        for old in previous.get("files", []):
-            if old["name"] not in keep and fs.exists(f"{root}/{old['name']}"):
-                fs.rm(f"{root}/{old['name']}")
+    # Now no reader needs the previous run's parts, nor parts a crashed commit moved in
+    # without committing them. (One writer per output at a time is assumed.)
+    keep = {p.name for p in writer.parts}
+    for path in fs.glob(f"{root}/part-*.parquet"):
+        if path.rsplit("/", 1)[-1] not in keep:
+            fs.rm(path)
     return fsutil.full_uri(fs, f"{root}/{MANIFEST}")
 
 
