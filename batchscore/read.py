@@ -68,11 +68,10 @@ def read_batch(batch: dict[str, np.ndarray], *, options: ReadOptions) -> Iterato
         if kind == "file":
             data, error = fetch(uri, options.retries)
             out.add(id_, data, error, meta)
-        else:
-            source = json.loads(meta)["source"]
+        else:  # a container's rows come from the container entry itself: source = its id
             reader = {"tar": read_tar, "parquet": read_parquet, "azureml": read_azureml}[kind]
             for row_id, data, error, passthrough in reader(uri, options):
-                out.add(row_id, data, error, json.dumps({"source": source, "passthrough": passthrough}))
+                out.add(row_id, data, error, json.dumps({"source": id_, "passthrough": passthrough}))
         yield from out.full()
     yield from out.rest()
 
