@@ -22,6 +22,7 @@ EXIT_OK = 0
 EXIT_BAD_JOB = 2  # bad config, inputs or checkpoint: fix the job, do not retry as is
 EXIT_BUDGET = 3  # more error rows than max_error_fraction allows; nothing was committed
 EXIT_FAILED = 4  # the run failed (infrastructure, output); nothing was committed
+EXIT_BUSY = 5  # another run holds the output's lease; nothing was written, retry later
 
 log = logging.getLogger("batchscore")
 
@@ -53,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_code(e: Exception) -> int:
     from batchscore.budget import ErrorBudgetExceeded
+    from batchscore.lease import OutputBusy
     from batchscore.listing import ListingError
     from batchscore.models import ModelError
+    from batchscore.resume import ResumeError
 
-    if isinstance(e, (ConfigError, ListingError, ModelError)):
+    if isinstance(e, (ConfigError, ListingError, ModelError, ResumeError)):
         return EXIT_BAD_JOB
+    if isinstance(e, OutputBusy):
+        return EXIT_BUSY
     return EXIT_BUDGET if isinstance(e, ErrorBudgetExceeded) else EXIT_FAILED
 
 

@@ -21,7 +21,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet", "manifest", "azureml")
-RESERVED_COLUMNS = ("id", "labels", "probs", "error", "model", "run_id")
+RESERVED_COLUMNS = ("id", "source", "labels", "probs", "error", "error_code", "model", "run_id")
 
 
 class ConfigError(ValueError):
@@ -69,7 +69,12 @@ class ScoreConfig:
         extensions: File endings of images kept when an input is a directory of images
             (globs and files are taken as given).
         rows_per_file: Rows per output Parquet part file.
+        part_seconds: Close the current part file after this many seconds even when it is
+            not full: a run that dies loses at most about this much work to `resume`.
         overwrite: Replace a committed run in `output` instead of treating the run as done.
+        resume: Continue the newest uncommitted run in `output`: keep its complete part
+            files, score only the inputs they lack, then commit all. Without a run to
+            continue, a new run starts, so it is safe to always set.
         progress_seconds: Seconds between progress lines in the log.
     """
 
@@ -96,7 +101,9 @@ class ScoreConfig:
     max_image_pixels: int = 89_478_485
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     rows_per_file: int = 100_000
+    part_seconds: float = 300.0
     overwrite: bool = False
+    resume: bool = False
     progress_seconds: float = 10.0
 
     def __post_init__(self) -> None:
@@ -179,6 +186,7 @@ class ScoreConfig:
         need(self.decode_cpus > 0, f"decode_cpus: expected a number > 0, got {self.decode_cpus}")
         need(self.max_image_pixels >= 1, f"max_image_pixels: expected a positive number, got {self.max_image_pixels}")
         need(self.rows_per_file >= 1, f"rows_per_file: expected a positive number, got {self.rows_per_file}")
+        need(self.part_seconds > 0, f"part_seconds: expected a number > 0, got {self.part_seconds}")
         need(self.progress_seconds > 0, f"progress_seconds: expected a number > 0, got {self.progress_seconds}")
         need(all(e.startswith(".") for e in self.extensions),
              f"extensions: expected endings that start with '.', got {list(self.extensions)}")

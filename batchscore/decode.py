@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from batchscore.errors import error as _error
 from batchscore.models import PreprocessSpec
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -29,7 +30,11 @@ DRAFT_MARGIN = 4
 
 
 class DecodeError(Exception):
-    """One image cannot be decoded; the message is the row's error reason."""
+    """One image cannot be decoded: `code` (see `batchscore.errors`) and a reason."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, spec: PreprocessSpec, max_image_pixels: int) -> dict[str, np.ndarray]:
@@ -54,16 +59,16 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: PreprocessSpec, max_imag
         try:
             pixels[i] = decode_one(data, spec, max_image_pixels)
         except DecodeError as e:
-            errors[i] = f"decode: {e}"
+            errors[i] = _error(e.code, str(e))
         except Exception as e:  # noqa: BLE001 - an unforeseen failure still costs one row only
-            errors[i] = f"decode: {type(e).__name__}: {e}"
+            errors[i] = _error("decode.internal", f"{type(e).__name__}: {e}")
     return {"id": batch["id"], "pixels": pixels, "error": np.array(errors, dtype=object), "meta": batch["meta"]}
 
 
 def decode_one(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> np.ndarray:
     """Decodes one image to uint8 [3, H, W]; raises `DecodeError` with a short reason."""
     if not data:
-        raise DecodeError("empty file")
+        raise DecodeError("decode.empty", "empty file")
     image = open_image(data, max_image_pixels)
     if image.format == "JPEG":
         image.draft(image.mode, _draft_size(image.size, spec))
@@ -72,9 +77,9 @@ def decode_one(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> np.n
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"decompression bomb refused: {e}") from None
-    except OSError as e:
-        raise DecodeError(str(e)) from e  # e.g. "image file is truncated (3 bytes not processed)"
+        raise DecodeError("decode.bomb", f"decompression bomb refused: {e}") from None
+    except OSError as e:  # e.g. "image file is truncated (3 bytes not processed)"
+        raise _damaged(e) from e
     image = ImageOps.exif_transpose(image)
     return resize_and_crop(to_rgb(image), spec)
 
@@ -90,17 +95,26 @@ def open_image(data: bytes, max_image_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise DecodeError(
+            "decode.unsupported_format",
             f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)}); "
             f"starts with {data[:8]!r}"
         ) from None
+    except (OSError, SyntaxError, ValueError) as e:  # a header cut short or damaged (Pillow raises all three)
+        raise _damaged(e) from e
     finally:
         Image.MAX_IMAGE_PIXELS = max_image_pixels
     w, h = image.size
     if w * h > max_image_pixels:
-        raise DecodeError(f"decompression bomb refused: {w}x{h} pixels exceeds max_image_pixels={max_image_pixels}")
+        raise DecodeError("decode.bomb", f"decompression bomb refused: {w}x{h} pixels exceeds max_image_pixels={max_image_pixels}")
     if w < 1 or h < 1:
-        raise DecodeError(f"image has no pixels ({w}x{h})")
+        raise DecodeError("decode.no_pixels", f"image has no pixels ({w}x{h})")
     return image
+
+
+def _damaged(e: Exception) -> DecodeError:
+    """Pillow's errors for damaged data: truncated when it says so, else corrupt."""
+    reason = f"{type(e).__name__}: {e}" if type(e) is not OSError else str(e)
+    return DecodeError("decode.truncated" if "truncated" in str(e).lower() else "decode.corrupt", reason)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

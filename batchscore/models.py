@@ -17,7 +17,8 @@ from pathlib import Path
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "checkpoint"
 
-_PICKLE_WEIGHTS = ("pytorch_model.bin",)
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_PICKLE_ENDINGS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 # Keys of a preprocessor config that do not change the pixels of a classification input.
 _INERT_PREPROCESSOR_KEYS = {
@@ -114,7 +115,10 @@ def resolve(ref: str | None, allow_pickle: bool = False) -> ModelInfo:
     if not weights:
         pickles = [w for w in _PICKLE_WEIGHTS if (path / w).is_file()]
         if not pickles:
-            raise ModelError(f"model {ref!r}: no model.safetensors in {path}")
+            others = sorted(p.name for p in path.iterdir() if p.name.endswith(_PICKLE_ENDINGS))
+            hint = (f"; found pickle file(s) {others}, which are not a Hugging Face checkpoint: load them "
+                    "yourself and `save_pretrained(dir, safe_serialization=True)`") if others else ""
+            raise ModelError(f"model {ref!r}: no model.safetensors in {path}{hint}")
         if not allow_pickle:
             raise ModelError(
                 f"model {ref!r}: only pickle weights found ({', '.join(pickles)}); batchscore loads "
@@ -233,7 +237,7 @@ def preprocess_spec(path: Path) -> PreprocessSpec:
 
 def _sha256_weights(path: Path, weights: Path) -> str:
     files = [weights]
-    if weights.name.endswith(".safetensors.index.json"):
+    if weights.name.endswith(".index.json"):  # sharded: hash the shards, in name order
         shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
         files = [path / s for s in shards]
     h = hashlib.sha256()

@@ -18,9 +18,10 @@ import uuid
 
 import ray
 
-from batchscore import decode, listing, models, predict, read, sink
+from batchscore import decode, listing, models, predict, read, resume, sink
 from batchscore.budget import ErrorBudget
 from batchscore.config import ScoreConfig
+from batchscore.lease import Lease
 from batchscore.progress import Progress
 from batchscore.result import RunResult
 from batchscore.runtime import actor_resources, ensure_ray
@@ -69,6 +70,8 @@ def score(config: ScoreConfig) -> RunResult:
 
     Raises:
         ConfigError, ListingError, ModelError: bad settings, inputs or checkpoint.
+        OutputBusy: another run holds the output's lease; this one wrote nothing.
+        ResumeError: `resume` was asked for but the staged run has other settings.
         ErrorBudgetExceeded: more error rows than `max_error_fraction` allows; nothing is
             committed, `_errors.json` is written beside the staged files.
         SinkError: the output could not be written or the rows do not match the inputs;
@@ -91,44 +94,70 @@ def score(config: ScoreConfig) -> RunResult:
     listed = time.monotonic()
     log.info("listed %d inputs in %.2fs", len(entries), listed - resolved)
 
-    run_id = _new_run_id()
-    writer = sink.StagedWriter(config.output, run_id, {"model": model.tag, "run_id": run_id}, config.rows_per_file,
-                               passthrough=config.passthrough)
+    attempt = _new_run_id()
+    lease = Lease(config.output, attempt).acquire()
+    try:
+        return _run(config, model, entries, attempt, lease, started, resolved, listed, started_at)
+    finally:
+        lease.release()
 
-    ensure_ray()
-    ds = build_dataset(config, model, entries)
+
+def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry], attempt: str, lease: Lease,
+         started: float, resolved: float, listed: float, started_at: str) -> RunResult:
+    """Stages (or resumes), scores, checks and commits, holding the output's lease."""
     known_rows = sum(e.rows for e in entries) if all(e.rows is not None for e in entries) else None
-    progress = Progress(total=known_rows, every_seconds=config.progress_seconds)
     budget = ErrorBudget(config.max_error_fraction, known_rows)
-    seen: set[str] = set()
-    sources: collections.Counter[str] = collections.Counter()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        batch, batch_sources = read.unpack_meta(batch, config.passthrough)
-        sources.update(batch_sources)
-        ids, errors = batch.column("id").to_pylist(), batch.column("error").to_pylist()
-        seen.update(ids)
-        budget.add(ids, errors)
-        writer.write(batch)
-        progress.update(len(ids), len(errors) - errors.count(None))
-        if budget.blown_early():
-            break  # leaving the iterator stops the Ray Data execution
+    fingerprint = resume.fingerprint(config, model.weights_sha256)
+    staged = resume.latest(config.output, fingerprint) if config.resume else None
+    run_id = staged.run_id if staged else attempt
+    writer = sink.StagedWriter(config.output, run_id, {"model": model.tag, "run_id": run_id}, config.rows_per_file,
+                               passthrough=config.passthrough, part_seconds=config.part_seconds,
+                               run_info={"run_id": run_id, "started_at": started_at, "fingerprint": fingerprint},
+                               existing=staged.parts if staged else ())
+    kept = resume.adopt(staged, writer, entries, budget) if staged else resume.Kept(run_id)
+    todo = [e for e in entries if e.id not in kept.complete]
+    if config.resume and not staged:
+        log.info("resume: no staged run in %s; starting run %s", config.output, run_id)
+
+    seen, sources, container_rows = set(kept.ids), collections.Counter(kept.sources), dict(kept.container_rows)
+    progress = Progress(total=None if known_rows is None else known_rows - kept.rows,
+                        every_seconds=config.progress_seconds)
+    if todo:
+        ensure_ray()
+        ds = build_dataset(config, model, todo)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            batch, totals = read.unpack_meta(batch, config.passthrough)
+            ids, errors = batch.column("id").to_pylist(), batch.column("error").to_pylist()
+            seen.update(ids)
+            sources.update(batch.column("source").to_pylist())
+            container_rows.update(totals)
+            budget.add(ids, errors)
+            writer.write(batch, totals)
+            progress.update(len(ids), len(errors) - errors.count(None))
+            lease.renew()
+            if budget.blown_early():
+                break  # leaving the iterator stops the Ray Data execution
     parts = writer.close()
     scored = time.monotonic()
     log.info("%s", progress.line())
     if budget.blown():
         raise budget.fail(run_id, aborted_early=budget.blown_early(), write=writer.write_text)
 
-    _check_rows(entries, seen, sources, sum(p.rows for p in parts))
+    _check_rows(entries, seen, sources, container_rows, sum(p.rows for p in parts))
     timings = {"model_seconds": resolved - started, "listing_seconds": listed - resolved,
                "scoring_seconds": scored - listed, "first_row_seconds": progress.first_row_seconds or 0.0,
                "total_seconds": time.monotonic() - started}
-    manifest = _manifest(config, model, entries, run_id, budget, parts, timings, started_at)
-    sink.commit(writer, manifest)
+    manifest = _manifest(config, model, entries, run_id, budget, parts, timings, started_at, progress.done)
+    manifest["attempt"] = {"id": attempt, "resumed": staged is not None, "rows_kept": kept.rows,
+                           "rows_scored": progress.done, "parts_rewritten": kept.parts_rewritten,
+                           "parts_discarded": kept.parts_broken}
+    sink.commit(writer, manifest, check=lease.check)
     return _result_from_manifest(manifest, config.output, "committed")
 
 
 def _manifest(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry], run_id: str,
-              budget: ErrorBudget, parts: list[sink.PartFile], timings: dict[str, float], started_at: str) -> dict:
+              budget: ErrorBudget, parts: list[sink.PartFile], timings: dict[str, float], started_at: str,
+              rows_scored: int) -> dict:
     """Everything a reader or a later run needs to know about this run."""
     scoring = timings["scoring_seconds"]
     return {
@@ -144,18 +173,19 @@ def _manifest(config: ScoreConfig, model: models.ModelInfo, entries: list[listin
                    "errors_by_code": dict(budget.by_code)},
         "files": [p.__dict__ for p in parts],
         "timings": {**{k: round(v, 3) for k, v in timings.items()},
-                    "images_per_second": round(budget.rows / scoring, 2) if scoring > 0 else 0.0},
+                    "images_per_second": round(rows_scored / scoring, 2) if scoring > 0 else 0.0},
         "started_at": started_at,
         "finished_at": _now(),
         "versions": _versions(),
     }
 
 
-def _check_rows(entries: list[listing.Entry], seen: set[str], sources: collections.Counter, rows: int) -> None:
+def _check_rows(entries: list[listing.Entry], seen: set[str], sources: collections.Counter,
+                container_rows: dict[str, int], rows: int) -> None:
     """One row per image, every row from a listed input, or the run fails before commit.
 
     Files and Parquet rows are known in advance and must match exactly; a tar shard or
-    request file must account for all its rows (its samples are only known once read).
+    request file must match the row count its reader announced with its last row.
     """
     problems = []
     if rows != len(seen):
@@ -164,15 +194,16 @@ def _check_rows(entries: list[listing.Entry], seen: set[str], sources: collectio
     unlisted = sorted(set(sources) - listed)
     if unlisted:
         problems.append(f"rows from unlisted inputs, e.g. {unlisted[:3]}")
-    wrong = [(e.id, sources.get(e.id, 0), e.rows) for e in entries
-             if e.rows is not None and sources.get(e.id, 0) != e.rows]
+    expected = {e.id: e.rows if e.rows is not None else container_rows.get(e.id) for e in entries}
+    wrong = [(e.id, sources.get(e.id, 0), expected[e.id]) for e in entries
+             if (expected[e.id] is not None or e.id in sources) and sources.get(e.id, 0) != expected[e.id]]
     if wrong:
         problems.append(f"{len(wrong)} input(s) gave the wrong number of rows (input, got, expected), e.g. {wrong[:3]}")
     if problems:
-        expected = sum(e.rows or 0 for e in entries)
-        raise sink.SinkError(f"expected one row per input ({len(entries)} inputs, {expected} rows known in advance) "
+        known = sum(e.rows or 0 for e in entries)
+        raise sink.SinkError(f"expected one row per input ({len(entries)} inputs, {known} rows known in advance) "
                              f"but wrote {rows} rows: {'; '.join(problems)}; nothing was committed")
-    empty = [e.id for e in entries if e.rows is None and not sources.get(e.id)]
+    empty = [e.id for e in entries if expected[e.id] is None and not sources.get(e.id)]
     if empty:
         log.warning("%d input file(s) held no image rows: %s", len(empty), empty[:5])
 

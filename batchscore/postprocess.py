@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from batchscore.errors import code_of
+
 
 class Postprocessor:
     """Turns a [N, C] logits tensor into (class indices, probabilities), each [N, k]."""
@@ -34,7 +36,7 @@ class Postprocessor:
         return idx.cpu().numpy(), probs.cpu().numpy().astype(np.float32)
 
     def table(self, ids: np.ndarray, errors: list, idx: np.ndarray, probs: np.ndarray, meta: np.ndarray) -> pa.Table:
-        """Rows of `id, labels, probs, error, meta`; rows with an error have null labels and probs.
+        """Rows of `id, labels, probs, error, error_code, meta`; rows with an error have null labels and probs.
 
         `errors` holds "" for rows without an error; `idx` and `probs` hold one row per such
         row, in input order.
@@ -52,5 +54,6 @@ class Postprocessor:
             "labels": labels,
             "probs": scores,
             "error": pa.array(errors, pa.string()),
+            "error_code": pa.array([code_of(e) for e in errors], pa.string()),
             "meta": pa.array([str(m) for m in meta], pa.string()),
         })

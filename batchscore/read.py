@@ -12,12 +12,15 @@ the two, so bytes never pass through the object store). It reads each entry by k
              each item base64 image bytes or an image URL
 
 Nothing that goes wrong with one image fails the job: it becomes that row's error
-(`read: <reason>`). Transient failures are retried with exponential backoff; missing and
+(`read.<code>: <reason>`, codes in `batchscore.errors`). Transient failures are retried with exponential backoff; missing and
 forbidden objects are not. "No error" is "" inside the pipeline, never None: Ray turns an
 all-None object column into floats between stages.
 
 `meta` is a JSON string carried untouched through decode and predict to the driver: the
-entry the row came from (for the one-row-per-input check) and its passthrough values.
+entry the row came from (`source`, the one-row-per-input check and the output's `source`
+column), its passthrough values, and on a container's last row the container's row count
+(`rows`): rows may reach the driver in any order, so a container is complete once that many
+of its rows arrived. That is how a tar shard's loss is caught, and what `--resume` trusts.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 import ray
 
 from batchscore import fs as fsutil
+from batchscore.errors import error as _error
 from batchscore.listing import Entry
 
 FILES_PER_BLOCK = 64
@@ -70,21 +74,39 @@ def read_batch(batch: dict[str, np.ndarray], *, options: ReadOptions) -> Iterato
             out.add(id_, data, error, meta)
         else:  # a container's rows come from the container entry itself: source = its id
             reader = {"tar": read_tar, "parquet": read_parquet, "azureml": read_azureml}[kind]
-            for row_id, data, error, passthrough in reader(uri, options):
-                out.add(row_id, data, error, json.dumps({"source": id_, "passthrough": passthrough}))
+            previous, count = None, 0
+            for row in reader(uri, options):
+                if previous is not None:
+                    out.add(*_container_row(id_, *previous))
+                previous, count = row, count + 1
+                yield from out.full()
+            if previous is not None:
+                out.add(*_container_row(id_, *previous, total=count))
         yield from out.full()
     yield from out.rest()
 
 
+def _container_row(source: str, row_id: str, data: bytes, error: str, passthrough: dict,
+                   total: int | None = None) -> tuple[str, bytes, str, str]:
+    meta = {"source": source, "passthrough": passthrough}
+    if total is not None:
+        meta["rows"] = total
+    return row_id, data, error, json.dumps(meta)
+
+
 def unpack_meta(table, passthrough: tuple[str, ...]):
-    """On the driver: replaces `meta` by the passthrough columns; returns (table, source per row)."""
+    """On the driver: replaces `meta` by `source` and the passthrough columns.
+
+    Returns:
+        (table, {container id: its row count} for the containers whose last row is here).
+    """
     import pyarrow as pa
 
     metas = [json.loads(m) for m in table.column("meta").to_pylist()]
-    table = table.drop_columns(["meta"])
+    table = table.drop_columns(["meta"]).append_column("source", pa.array([m["source"] for m in metas], pa.string()))
     for name in passthrough:
         table = table.append_column(name, pa.array([m["passthrough"].get(name) for m in metas], pa.string()))
-    return table, [m["source"] for m in metas]
+    return table, {m["source"]: m["rows"] for m in metas if "rows" in m}
 
 
 class _Batcher:
@@ -112,20 +134,22 @@ class _Batcher:
 
 
 def fetch(uri: str, retries: int) -> tuple[bytes, str]:
-    """(bytes, "") or (b"", "read: <reason>"); transient failures retried with backoff."""
+    """(bytes, "") or (b"", "read.<code>: <reason>"); transient failures retried with backoff."""
     last: Exception | None = None
     for attempt in range(retries):
         try:
             fs, path = fsutil.resolve(uri)
             with fs.open(path, "rb") as f:
                 return f.read(), ""
+        except FileNotFoundError as e:
+            return b"", _error("read.not_found", f"{type(e).__name__}: {e}")
         except _PERMANENT as e:
-            return b"", f"read: {type(e).__name__}: {e}"
+            return b"", _error("read.forbidden", f"{type(e).__name__}: {e}")
         except Exception as e:  # noqa: BLE001 - network and service errors: try again
             last = e
             if attempt + 1 < retries:
                 time.sleep(RETRY_BASE_SECONDS * 2**attempt)
-    return b"", f"read: failed after {retries} attempts: {type(last).__name__}: {last}"
+    return b"", _error("read.failed", f"failed after {retries} attempts: {type(last).__name__}: {last}")
 
 
 # -- WebDataset tar shards --------------------------------------------------------------
@@ -149,7 +173,8 @@ def read_tar(uri: str, options: ReadOptions) -> Iterator[tuple[str, bytes, str, 
             if key is not None:
                 yield _sample(uri, key, members, options)
     except (tarfile.TarError, OSError, EOFError) as e:
-        yield uri, b"", f"read: tar shard unreadable after {samples} samples: {type(e).__name__}: {e}", {}
+        yield uri, b"", _error("read.bad_container",
+                               f"tar shard unreadable after {samples} samples: {type(e).__name__}: {e}"), {}
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -166,7 +191,7 @@ def _sample(uri: str, key: str, members: dict, options: ReadOptions) -> tuple[st
         if ext.rsplit(".", 1)[-1] in IMAGE_ENDINGS:
             return f"{uri}#{name}", data, "", passthrough
     found = ", ".join("." + e for e in members)
-    return f"{uri}#{key}", b"", f"read: sample has no image member (members: {found})", passthrough
+    return f"{uri}#{key}", b"", _error("read.no_image", f"sample has no image member (members: {found})"), passthrough
 
 
 # -- Parquet with an image-bytes column -------------------------------------------------
@@ -191,14 +216,14 @@ def read_parquet(uri: str, options: ReadOptions) -> Iterator[tuple[str, bytes, s
                 extra = {c: rb.column(c).to_pylist() for c in options.passthrough}
                 for i, data in enumerate(images.to_pylist()):
                     passthrough = {c: None if v[i] is None else str(v[i]) for c, v in extra.items()}
-                    error = "" if data else f"read: no image bytes in column {options.image_column!r}"
+                    error = "" if data else _error("read.no_image", f"no image bytes in column {options.image_column!r}")
                     if options.id_column and ids[i] is None:
-                        error = error or f"read: null id in column {options.id_column!r}"
+                        error = error or _error("read.bad_id", f"null id in column {options.id_column!r}")
                     row_id = str(ids[i]) if ids[i] is not None else f"{uri}#{row}"
                     yield row_id, data or b"", error, passthrough
                     row += 1
     except Exception as e:  # noqa: BLE001 - keep one row per listed Parquet row, flagged
-        reason = f"read: Parquet file unreadable at row {row}: {type(e).__name__}: {e}"
+        reason = _error("read.bad_container", f"Parquet file unreadable at row {row}: {type(e).__name__}: {e}")
         for r in range(row, total if total is not None else row + 1):
             yield f"{uri}#{r}", b"", reason, {}
 
@@ -210,12 +235,12 @@ def read_azureml(uri: str, options: ReadOptions) -> Iterator[tuple[str, bytes, s
     try:
         items = _azureml_items(uri)
     except Exception as e:  # noqa: BLE001 - the whole file is one error row
-        yield uri, b"", f"read: not an Azure ML image request: {type(e).__name__}: {e}", {}
+        yield uri, b"", _error("read.bad_container", f"not an Azure ML image request: {type(e).__name__}: {e}"), {}
         return
     for index, value in items:
         row_id = f"{uri}#{index}"
         if not isinstance(value, str):
-            yield row_id, b"", f"read: expected a base64 image or a URL, got {type(value).__name__}", {}
+            yield row_id, b"", _error("read.no_image", f"expected a base64 image or a URL, got {type(value).__name__}"), {}
         elif value.startswith(_URL_PREFIXES):
             data, error = fetch(value, options.retries)
             yield row_id, data, error, {}
@@ -223,7 +248,7 @@ def read_azureml(uri: str, options: ReadOptions) -> Iterator[tuple[str, bytes, s
             try:
                 yield row_id, base64.b64decode(value, validate=True), "", {}
             except (binascii.Error, ValueError):
-                yield row_id, b"", "read: neither valid base64 nor a URL", {}
+                yield row_id, b"", _error("read.no_image", "neither valid base64 nor a URL"), {}
 
 
 def _azureml_items(uri: str) -> list[tuple[object, object]]:

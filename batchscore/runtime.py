@@ -22,10 +22,32 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=True)
     else:
         # A private local Ray on loopback; the dashboard is off to keep start-up short.
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+        start_local_ray(include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
     # Ray's bars redraw in place; in a log (non-TTY) batchscore's own progress lines stand instead.
     ctx.enable_progress_bars = sys.stderr.isatty()
+
+
+def loopback_only() -> None:
+    """Makes a Ray started from this process listen on 127.0.0.1 only.
+
+    Ray replaces `_node_ip_address="127.0.0.1"` by the machine's address (its
+    `resolve_ip_for_localhost`) unless it believes clusters are off, as on macOS and Windows;
+    then every Ray server binds to loopback (checked by tests/test_pipeline.py). Children
+    (raylet, workers) read the environment variable; this process's Ray is already imported,
+    so its constant is set as well.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def start_local_ray(**kwargs) -> None:
+    """Starts a private single-node Ray on loopback (kwargs go to `ray.init`); never joins a
+    cluster found on the machine (`address="local"`)."""
+    loopback_only()
+    ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
 
 
 @dataclass(frozen=True)

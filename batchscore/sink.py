@@ -2,6 +2,8 @@
 
 Layout of an output directory (any fsspec URI):
 
+    _staging/_lease                                  while a run is going (batchscore.lease)
+    _staging/<run_id>/_run.json                      what the run is (config fingerprint), for --resume
     _staging/<run_id>/part-<run_id>-00000.parquet   while the run is going
     part-<run_id>-00000.parquet                      after commit
     _manifests/<run_id>.json                         each committed run's manifest, kept
@@ -13,12 +15,19 @@ Every table is cast to the schema in `schemas/predictions.v1.json` (plus the con
 passthrough columns, as nullable strings, after `run_id`) before it is written, so
 the files hold plain Arrow types (never Ray tensor extension types) and required columns
 are never null. Readers trust only the files the manifest lists.
+
+A part file is closed every `rows_per_file` rows or `part_seconds` seconds, whichever comes
+first; a closed part is complete (its Parquet footer is written) and is what `--resume`
+keeps. Its key-value metadata `batchscore.container_rows` records the row count of every
+container (tar shard, request file) whose last row reached the driver while it was open.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,6 +40,10 @@ MANIFEST = "_manifest.json"
 MANIFESTS = "_manifests"
 SUCCESS = "_SUCCESS"
 STAGING = "_staging"
+RUN_INFO = "_run.json"
+CONTAINER_ROWS_KEY = "batchscore.container_rows"
+
+log = logging.getLogger("batchscore")
 
 _TYPES = {"string": pa.string(), "float32": pa.float32(), "int32": pa.int32(), "int64": pa.int64()}
 
@@ -64,31 +77,43 @@ class PartFile:
 
 
 class StagedWriter:
-    """Writes tables as Parquet part files under `<output>/_staging/<run_id>/`."""
+    """Writes tables as Parquet part files under `<output>/_staging/<run_id>/`.
+
+    `run_info` is written as `_run.json` when the staging folder is new; a resumed run passes
+    the parts it keeps as `existing` and numbering continues after them.
+    """
 
     def __init__(self, output: str, run_id: str, constants: dict[str, str], rows_per_file: int,
-                 passthrough: tuple[str, ...] = ()):
+                 passthrough: tuple[str, ...] = (), part_seconds: float = float("inf"),
+                 run_info: dict | None = None, existing: list[PartFile] = ()):
         self.fs, self.root = fsutil.resolve(output)
         self.run_id = run_id
-        self.staging = f"{self.root.rstrip('/')}/{STAGING}/{run_id}"
+        self.staging = staging_dir(self.root, run_id)
         self.schema = load_schema(passthrough=passthrough)
         self.constants = constants
         self.rows_per_file = rows_per_file
-        self.parts: list[PartFile] = []
+        self.part_seconds = part_seconds
+        self.parts: list[PartFile] = list(existing)
+        self._next = 1 + max((_part_index(p.name) for p in existing), default=-1)
         self._file = self._writer = None
         self._rows_in_file = 0
+        self._opened = 0.0
+        self._container_rows: dict[str, int] = {}
         if fsutil.is_local(self.fs):
             self.fs.makedirs(self.staging, exist_ok=True)  # object stores have no folders to make
         try:
             # Fail now, not hours later when the first part file closes, if the output is not
             # writable (a missing bucket, no permission).
-            with self.fs.open(f"{self.staging}/_started", "w") as f:
-                f.write(run_id + "\n")
+            if not existing or not self.fs.exists(f"{self.staging}/{RUN_INFO}"):
+                self.fs.pipe_file(f"{self.staging}/{RUN_INFO}",
+                                  json.dumps(run_info or {"run_id": run_id}, indent=2).encode())
         except Exception as e:
             raise SinkError(f"output {output!r} is not writable: {type(e).__name__}: {e}") from e
 
-    def write(self, table: pa.Table) -> None:
+    def write(self, table: pa.Table, container_rows: dict[str, int] | None = None) -> None:
+        """Appends rows; `container_rows` are the row counts of containers whose last row is here."""
         table = self.conform(table)
+        self._container_rows.update(container_rows or {})
         start = 0
         while start < table.num_rows:
             if self._writer is None:
@@ -99,6 +124,8 @@ class StagedWriter:
             start += n
             if self._rows_in_file >= self.rows_per_file:
                 self._close_part()
+        if self._writer is not None and time.monotonic() - self._opened >= self.part_seconds:
+            self._close_part()  # bounds the work a crash loses to about part_seconds
 
     def conform(self, table: pa.Table) -> pa.Table:
         """Adds the constant columns and casts to the schema; raises `SinkError` on a mismatch."""
@@ -132,18 +159,84 @@ class StagedWriter:
         return list(self.parts)
 
     def _open(self) -> None:
-        name = f"part-{self.run_id}-{len(self.parts):05d}.parquet"
+        name = f"part-{self.run_id}-{self._next:05d}.parquet"
+        self._next += 1
         self._file = self.fs.open(f"{self.staging}/{name}", "wb")
         self._writer = pq.ParquetWriter(self._file, self.schema)
         self._name = name
         self._rows_in_file = 0
+        self._opened = time.monotonic()
 
     def _close_part(self) -> None:
+        if self._container_rows:
+            self._writer.add_key_value_metadata({CONTAINER_ROWS_KEY: json.dumps(self._container_rows)})
         self._writer.close()
         self._file.close()
         size = self.fs.info(f"{self.staging}/{self._name}")["size"]
         self.parts.append(PartFile(self._name, self._rows_in_file, int(size)))
         self._writer = self._file = None
+        self._container_rows = {}
+
+
+def staging_dir(root: str, run_id: str) -> str:
+    return f"{root.rstrip('/')}/{STAGING}/{run_id}"
+
+
+def _part_index(name: str) -> int:
+    return int(name.rsplit("-", 1)[-1].split(".", 1)[0])
+
+
+@dataclass
+class StagedRun:
+    """An uncommitted run's staging folder: its `_run.json` and its part files, checked."""
+
+    run_id: str
+    info: dict
+    parts: list[PartFile] = field(default_factory=list)       # complete: their footers read
+    broken: list[str] = field(default_factory=list)           # half-written: no valid footer
+    container_rows: dict[str, int] = field(default_factory=dict)
+
+
+def staged_runs(output: str) -> list[StagedRun]:
+    """Uncommitted runs under `<output>/_staging/`, oldest first (run ids start with their UTC time)."""
+    fs, root = fsutil.resolve(output)
+    base = f"{root.rstrip('/')}/{STAGING}"
+    try:
+        folders = sorted(i["name"].rstrip("/").rsplit("/", 1)[-1] for i in fs.ls(base, detail=True)
+                         if i["type"] == "directory")
+    except FileNotFoundError:
+        return []
+    runs = []
+    for run_id in folders:
+        staging = f"{base}/{run_id}"
+        try:
+            info = json.loads(fs.cat_file(f"{staging}/{RUN_INFO}"))
+        except (FileNotFoundError, ValueError):
+            info = {}
+        run = StagedRun(run_id, info)
+        for path in sorted(fs.glob(f"{staging}/part-*.parquet")):
+            name = path.rsplit("/", 1)[-1]
+            try:
+                meta = pq.read_metadata(fs.open(path, "rb"))
+            except Exception:  # noqa: BLE001 - no footer: the part was being written when the run died
+                run.broken.append(name)
+                continue
+            run.parts.append(PartFile(name, meta.num_rows, int(fs.info(path)["size"])))
+            kv = meta.metadata or {}
+            if CONTAINER_ROWS_KEY.encode() in kv:
+                run.container_rows.update(json.loads(kv[CONTAINER_ROWS_KEY.encode()]))
+        runs.append(run)
+    return runs
+
+
+def read_staged_part(writer: StagedWriter, part: PartFile, columns: list[str] | None = None) -> pa.Table:
+    with writer.fs.open(f"{writer.staging}/{part.name}", "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def drop_staged_part(writer: StagedWriter, name: str) -> None:
+    writer.fs.rm(f"{writer.staging}/{name}")
+    writer.parts = [p for p in writer.parts if p.name != name]
 
 
 def read_manifest(output: str) -> dict | None:
@@ -169,15 +262,17 @@ def read_manifest(output: str) -> dict | None:
     raise SinkError(f"{output}: {SUCCESS} names run {run_id!r} but no manifest of that run was found")
 
 
-def commit(writer: StagedWriter, manifest: dict) -> str:
+def commit(writer: StagedWriter, manifest: dict, check=lambda: None) -> str:
     """Commits a run: parts into the output, its manifests, then `_SUCCESS`, the commit point.
 
     Until `_SUCCESS` is rewritten, a run already committed in the output (overwrite) stays
     committed and readable: the new parts have new names, and its own manifest is kept in
     `_manifests/`. Part files no longer committed are deleted only after the new run is
-    committed. Returns the manifest's URI.
+    committed. `check()` runs first and again just before the commit point, and may raise
+    to stop the commit (the lease check). Returns the manifest's URI.
     """
     fs, root = writer.fs, writer.root.rstrip("/")
+    check()
     for part in writer.parts:
         _move(fs, f"{writer.staging}/{part.name}", f"{root}/{part.name}")
     text = json.dumps(manifest, indent=2, sort_keys=True)
@@ -185,8 +280,9 @@ def commit(writer: StagedWriter, manifest: dict) -> str:
         fs.makedirs(f"{root}/{MANIFESTS}", exist_ok=True)
     fs.pipe_file(f"{root}/{MANIFESTS}/{manifest['run_id']}.json", text.encode())
     fs.pipe_file(f"{root}/{MANIFEST}", text.encode())
+    check()
     fs.pipe_file(f"{root}/{SUCCESS}", (manifest["run_id"] + "\n").encode())  # the commit point
-    _remove_staging(fs, writer.staging)
+    _remove_staging(fs, f"{root}/{STAGING}")  # this run's, and those of dead runs (one writer: the lease)
     # Now no reader needs the previous run's parts, nor parts a crashed commit moved in
     # without committing them. (One writer per output at a time is assumed.)
     keep = {p.name for p in writer.parts}
@@ -207,15 +303,8 @@ def _move(fs, src: str, dst: str) -> None:
 
 
 def _remove_staging(fs, staging: str) -> None:
-    """Removes this run's staging folder, and `_staging/` itself once no other run uses it."""
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
-    parent = staging.rsplit("/", 1)[0]
-    try:
-        if fs.exists(parent) and not fs.ls(parent):
-            fs.rmdir(parent)
-    except OSError:
-        pass  # another run staged files meanwhile; its own commit tidies up
 
 
 def read_committed(output: str) -> pa.Table:

@@ -96,6 +96,27 @@ def upload_dir(local_dir: Path, uri: str) -> None:
         put(f"{uri.rstrip('/')}/{f.name}", f.read_bytes())
 
 
+def small_photos(out: Path, n: int, seed: int = 0, size: tuple[int, int] = (48, 160)) -> list[Path]:
+    """`n` distinct small images cut from the real photos (random crops, 48-160 px, JPEG or
+    PNG), so many-input tests are real pictures yet cheap to decode. Returns their paths."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sources = [Image.open(p).convert("RGB") for p in real_photo_paths()]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = sources[i % len(sources)]
+        w, h = (int(v) for v in rng.integers(size[0], size[1], 2))
+        x, y = int(rng.integers(0, max(1, img.width - w))), int(rng.integers(0, max(1, img.height - h)))
+        crop = img.crop((x, y, x + w, y + h))
+        path = out / f"img-{i:05d}.{'jpg' if i % 3 else 'png'}"
+        crop.save(path, quality=90) if path.suffix == ".jpg" else crop.save(path)
+        paths.append(path)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def session_tmp():
     d = Path(tempfile.mkdtemp(prefix="batchscore-tests-"))
@@ -176,7 +197,8 @@ def ray_session(object_stores):
     It starts after the object stores, so its workers see their addresses."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    from batchscore.runtime import start_local_ray
+
+    start_local_ray(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     yield ray
     ray.shutdown()

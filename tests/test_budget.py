@@ -33,11 +33,11 @@ def staged_summary(out) -> dict:
 def test_over_budget_fails_and_commits_nothing(ray_session, tmp_path, folder, checkpoints):
     out = tmp_path / "out"
     config = ScoreConfig(input=(str(folder),), output=str(out), model=str(checkpoints["vit"]), max_error_fraction=0.2)
-    with pytest.raises(ErrorBudgetExceeded, match=r"3 error rows \(decode=3\) of 13 exceed max_error_fraction=0.2"):
+    with pytest.raises(ErrorBudgetExceeded, match=r"3 error rows \(decode.empty=3\) of 13 exceed max_error_fraction=0.2"):
         pipeline.score(config)
-    assert not (out / "_SUCCESS").exists() and not list(out.glob("*.parquet"))
+    assert not (out / "_SUCCESS").exists() and not list(out.glob("*.parquet")) and not (out / "_staging" / "_lease").exists()
     summary = staged_summary(out)
-    assert summary["errors"] == 3 and summary["errors_by_code"] == {"decode": 3}
+    assert summary["errors"] == 3 and summary["errors_by_code"] == {"decode.empty": 3}
     assert {e["id"].rsplit("/", 1)[-1] for e in summary["examples"]} == {"empty-0.jpg", "empty-1.jpg", "empty-2.jpg"}
     # Within budget (3 <= 0.25 x 13), the same inputs commit.
     result = pipeline.score(config.with_overrides(max_error_fraction=0.25))
@@ -63,12 +63,12 @@ def test_blown_budget_stops_early(ray_session, tmp_path, photos, checkpoints):
 
 def test_budget_arithmetic():
     b = ErrorBudget(0.1, expected_rows=100)
-    b.add([f"i{n}" for n in range(10)], ["decode: x"] * 10)
+    b.add([f"i{n}" for n in range(10)], ["decode.corrupt: x"] * 10)
     assert not b.blown_early() and b.blown()  # 10 of 10 so far, but 10 <= 0.1 x 100 is still possible
-    b.add(["i10"], ["read: y"])
-    assert b.blown_early() and b.by_code == {"decode": 10, "read": 1}
+    b.add(["i10"], ["read.failed: y"])
+    assert b.blown_early() and b.by_code == {"decode.corrupt": 10, "read.failed": 1}
     unknown = ErrorBudget(0.5, expected_rows=None)
-    unknown.add(["a", "b", "c"], [None, "read: z", None])
+    unknown.add(["a", "b", "c"], [None, "read.failed: z", None])
     assert not unknown.blown_early() and not unknown.blown()
 
 

@@ -132,14 +132,14 @@ def truncated(fmt: str) -> bytes:
 
 
 @pytest.mark.parametrize("data, reason", [
-    (b"", "decode: empty file"),
-    (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "decode: not an image in an allowed format"),
-    (b"<html><body>404 Not Found</body></html>", "decode: not an image in an allowed format"),
-    (lambda: truncated("JPEG"), "decode: image file is truncated"),
-    (lambda: truncated("PNG"), "decode: "),
-    (lambda: encode(gradient(), "PPM"), "decode: not an image in an allowed format"),
-    (png_header_only(100_000, 100_000), "decode: decompression bomb refused"),
-    (png_header_only(20_000, 5_000), "decode: decompression bomb refused"),
+    (b"", "decode.empty: empty file"),
+    (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "decode.unsupported_format: not an image in an allowed format"),
+    (b"<html><body>404 Not Found</body></html>", "decode.unsupported_format: not an image in an allowed format"),
+    (lambda: truncated("JPEG"), "decode.truncated: image file is truncated"),
+    (lambda: truncated("PNG"), "decode.truncated: "),
+    (lambda: encode(gradient(), "PPM"), "decode.unsupported_format: not an image in an allowed format"),
+    (png_header_only(100_000, 100_000), "decode.bomb: decompression bomb refused"),
+    (png_header_only(20_000, 5_000), "decode.bomb: decompression bomb refused"),
 ])
 def test_bad_inputs_become_error_rows(data, reason):
     data = data() if callable(data) else data
@@ -159,9 +159,9 @@ def test_bomb_is_refused_before_decoding():
 
 def test_read_errors_pass_through():
     batch = {"id": np.array(["x"], dtype=object), "data": np.array([b""], dtype=object),
-             "error": np.array(["read: FileNotFoundError: x"], dtype=object), "meta": np.array(["{}"], dtype=object)}
+             "error": np.array(["read.not_found: FileNotFoundError: x"], dtype=object), "meta": np.array(["{}"], dtype=object)}
     out = decode_batch(batch, spec=spec(8, 8), max_image_pixels=BIG)
-    assert out["error"][0] == "read: FileNotFoundError: x"
+    assert out["error"][0] == "read.not_found: FileNotFoundError: x"
 
 
 def test_shortest_edge_resize_follows_transformers():

@@ -72,11 +72,11 @@ def test_webdataset_tar_shards_on_gcs(ray_session, tmp_path, images, checkpoints
                          f"{s1}#004.webp.png", f"{s2}#005.jpg", s2}
     assert rows[f"{s0}#s/000.jpg"]["error"] is None and rows[f"{s0}#s/000.jpg"]["cls"] == "7"
     assert rows[f"{s0}#s/001.png"]["cls"] == "3" and len(rows[f"{s0}#s/001.png"]["labels"]) == 2
-    assert rows[f"{s0}#s/002"]["error"] == "read: sample has no image member (members: .txt)"
-    assert rows[f"{s0}#s/003.jpg"]["error"].startswith("decode: ") and rows[f"{s0}#s/003.jpg"]["cls"] == "1"
+    assert rows[f"{s0}#s/002"]["error"] == "read.no_image: sample has no image member (members: .txt)"
+    assert rows[f"{s0}#s/003.jpg"]["error"].startswith("decode.unsupported_format: ") and rows[f"{s0}#s/003.jpg"]["cls"] == "1"
     assert rows[f"{s1}#004.webp.png"]["error"] is None and rows[f"{s1}#004.webp.png"]["cls"] is None
-    assert rows[s2]["error"].startswith("read: tar shard unreadable after 1 samples")
-    assert result.errors == 3 and result.errors_by_code == {"read": 2, "decode": 1}
+    assert rows[s2]["error"].startswith("read.bad_container: tar shard unreadable after 1 samples")
+    assert result.errors == 3 and result.errors_by_code == {"read.no_image": 1, "read.bad_container": 1, "decode.unsupported_format": 1}
 
 
 def test_parquet_with_image_bytes_on_s3(ray_session, tmp_path, images, checkpoints):
@@ -96,9 +96,9 @@ def test_parquet_with_image_bytes_on_s3(ray_session, tmp_path, images, checkpoin
     assert [(e.kind, e.rows) for e in entries] == [("parquet", 5), ("parquet", 2)]
     rows = by_id(pipeline.score(config))
     assert set(rows) == {"a", "b", "c", "d", "s3://bs-formats/pq/part-0.parquet#4", "e", "f"}
-    assert rows["c"]["error"] == "read: no image bytes in column 'image'" and rows["c"]["label"] is None
-    assert rows["d"]["error"].startswith("decode: not an image")
-    assert rows["s3://bs-formats/pq/part-0.parquet#4"]["error"] == "read: null id in column 'key'"
+    assert rows["c"]["error"] == "read.no_image: no image bytes in column 'image'" and rows["c"]["label"] is None
+    assert rows["d"]["error"].startswith("decode.unsupported_format: not an image")
+    assert rows["s3://bs-formats/pq/part-0.parquet#4"]["error"] == "read.bad_id: null id in column 'key'"
     assert rows["a"]["error"] is None and rows["a"]["label"] == "can"
     assert rows["e"]["error"] is None and rows["f"]["label"] == "y"
 
@@ -122,8 +122,8 @@ def test_manifest_of_uris_everywhere(ray_session, tmp_path, photos, images, chec
                                                    missing: "gone", http_missing: "gone"}
     for ok in (gs_uri, s3_uri, local, http):
         assert rows[ok]["error"] is None, rows[ok]["error"]
-    assert rows[missing]["error"].startswith("read: FileNotFoundError")
-    assert rows[http_missing]["error"].startswith("read: FileNotFoundError")
+    assert rows[missing]["error"].startswith("read.not_found: FileNotFoundError")
+    assert rows[http_missing]["error"].startswith("read.not_found: FileNotFoundError")
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -154,10 +154,10 @@ def test_azureml_request_files(ray_session, tmp_path, images, checkpoints, http_
     rows = by_id(result)
     assert set(rows) == {f"{plain}#0", f"{plain}#1", f"{plain}#2", f"{plain}#3", f"{split}#10", f"{split}#11", broken}
     assert [rows[f"{plain}#{i}"]["error"] for i in (0, 1, 3)] == [None, None, None]
-    assert rows[f"{plain}#2"]["error"] == "read: neither valid base64 nor a URL"
+    assert rows[f"{plain}#2"]["error"] == "read.no_image: neither valid base64 nor a URL"
     assert rows[f"{split}#10"]["error"] is None
-    assert rows[f"{split}#11"]["error"] == "read: expected a base64 image or a URL, got int"
-    assert rows[broken]["error"].startswith("read: not an Azure ML image request: KeyError")
+    assert rows[f"{split}#11"]["error"] == "read.no_image: expected a base64 image or a URL, got int"
+    assert rows[broken]["error"].startswith("read.bad_container: not an Azure ML image request: KeyError")
 
 
 def test_format_detection(tmp_path, photos):

@@ -49,6 +49,15 @@ def test_pickle_only_checkpoint_is_refused_without_allow_pickle(tmp_path):
         models.resolve(str(ckpt))
 
 
+@pytest.mark.parametrize("name", ["model.pt", "weights.pth", "last.ckpt"])
+def test_bare_pickle_files_are_refused_with_a_hint(tmp_path, name):
+    ckpt = pickle_twin(make_checkpoint("vit", tmp_path / "m"), tmp_path / "pk")
+    (ckpt / "pytorch_model.bin").rename(ckpt / name)
+    for allow in (False, True):
+        with pytest.raises(ModelError, match=rf"no model.safetensors in .*found pickle file\(s\) \['{name}'\]"):
+            models.resolve(str(ckpt), allow_pickle=allow)
+
+
 def test_allowed_pickle_checkpoint_scores_like_its_safetensors_twin(tmp_path):
     import numpy as np
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -29,11 +30,11 @@ def mixed_inputs(session_tmp, photos) -> tuple[Path, dict[str, str]]:
     good_jpeg = (photos / "rocket.jpg").read_bytes()
     good_png = (photos / "chelsea.png").read_bytes()
     bad = {
-        "zero-bytes.jpg": (b"", "decode: empty file"),
-        "random-bytes.png": (os.urandom(3000), "decode: not an image in an allowed format"),
-        "truncated.jpg": (good_jpeg[: len(good_jpeg) // 3], "decode: image file is truncated"),
-        "truncated.png": (good_png[: len(good_png) // 3], "decode: "),
-        "not-really.jpg": (b"<!doctype html><title>403</title>", "decode: not an image in an allowed format"),
+        "zero-bytes.jpg": (b"", "decode.empty: empty file"),
+        "random-bytes.png": (os.urandom(3000), "decode.unsupported_format: not an image in an allowed format"),
+        "truncated.jpg": (good_jpeg[: len(good_jpeg) // 3], "decode.truncated: image file is truncated"),
+        "truncated.png": (good_png[: len(good_png) // 3], "decode.truncated: "),
+        "not-really.jpg": (b"<!doctype html><title>403</title>", "decode.unsupported_format: not an image in an allowed format"),
     }
     for name, (data, _) in bad.items():
         (d / name).write_bytes(data)
@@ -63,7 +64,9 @@ def test_rows_out_equal_rows_in_and_exactly_the_bad_files_are_flagged(mixed_run,
     assert frame[frame["error"].notna()]["labels"].isna().all()
     print(f"FIGURE rows in {len(list(folder.iterdir()))}, rows out {len(frame)}, errors {mixed_run.errors}")
     assert mixed_run.rows == len(frame) and mixed_run.errors == len(bad)
-    assert mixed_run.errors_by_code == {"decode": len(bad)}
+    codes = collections.Counter(reason.split(":", 1)[0] for reason in bad.values())
+    assert mixed_run.errors_by_code == dict(codes)
+    assert (frame["error_code"] == frame["error"].str.split(":").str[0]).sum() == len(bad)
 
 
 def test_output_reads_back_without_ray_and_matches_the_schema_file(mixed_run):
@@ -116,6 +119,11 @@ def test_rerun_on_committed_output_is_a_noop_and_overwrite_replaces(ray_session,
     assert replaced.to_pandas()["labels"].dropna().map(len).eq(1).all()
 
 
+def test_local_ray_listens_on_loopback_only(ray_session):
+    assert {n["NodeManagerAddress"] for n in ray_session.nodes()} == {"127.0.0.1"}
+    assert ray_session.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
 def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, photos, monkeypatch):
     config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]))
     info = models.resolve(config.model)
@@ -151,7 +159,7 @@ def test_nothing_is_committed_when_rows_go_missing(ray_session, tmp_path, photos
     """If a stage ever dropped rows, the run must fail instead of committing partial output."""
 
     def losing_dataset(config, model, entries):
-        rows = [{"id": e.id, "labels": ["can"], "probs": [0.9], "error": None,
+        rows = [{"id": e.id, "labels": ["can"], "probs": [0.9], "error": None, "error_code": None,
                  "meta": json.dumps({"source": e.id, "passthrough": {}})} for e in entries[:-2]]
         return ray_session.data.from_items(rows)
 
@@ -170,7 +178,8 @@ def test_python_api(ray_session, tmp_path, photos, checkpoints):
                               output=str(tmp_path / "api"), model=str(checkpoints["beit"]), top_k=2)
     assert result.status == "committed" and result.rows == 2 and result.errors == 0
     frame = result.to_pandas()
-    assert list(frame.columns) == ["id", "labels", "probs", "error", "model", "run_id"]
+    assert list(frame.columns) == ["id", "source", "labels", "probs", "error", "error_code", "model", "run_id"]
+    assert (frame["source"] == frame["id"]).all()  # an image file is its own source
     assert "committed run" in result.summary() and "2 rows" in result.summary()
 
 
@@ -209,7 +218,7 @@ def test_cli_end_to_end_with_progress_in_a_non_tty_log(tmp_path, mixed_inputs, c
                    "--progress-seconds", "0.1", "--batch-size", "4", "--max-error-fraction", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = len(list(folder.iterdir()))
-    assert f"{n} rows, {n - len(bad)} scored, {len(bad)} errors (decode={len(bad)})" in proc.stdout
+    assert f"{n} rows, {n - len(bad)} scored, {len(bad)} errors (decode." in proc.stdout
     assert f"progress: {n}/{n} images (100.0%)" in proc.stderr
     assert (out / "_SUCCESS").exists()
     again = run_cli("score", "--input", str(folder), "--output", str(out), "--model", str(checkpoints["vit"]))

@@ -40,9 +40,9 @@ def test_rows_with_errors_skip_the_model_and_keep_their_error(checkpoints):
     p = predict.Predictor(info, "cpu", "fp32", top_k=2)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 3, 224, 224), dtype=np.uint8)
     out = p({"id": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
-             "error": np.array(["", "decode: empty file", ""], dtype=object),
+             "error": np.array(["", "decode.empty: empty file", ""], dtype=object),
              "meta": np.array(["m0", "m1", "m2"], dtype=object)}).to_pylist()
-    assert [r["error"] for r in out] == [None, "decode: empty file", None]
+    assert [r["error"] for r in out] == [None, "decode.empty: empty file", None]
     assert [r["meta"] for r in out] == ["m0", "m1", "m2"]
     assert out[1]["labels"] is None and out[1]["probs"] is None
     assert len(out[0]["labels"]) == 2 and out[0]["probs"][0] >= out[0]["probs"][1]
@@ -56,5 +56,6 @@ def test_all_rows_failed_batch(checkpoints):
     info = models.resolve(str(checkpoints["vit"]))
     p = predict.Predictor(info, "cpu", "fp32", top_k=3)
     out = p({"id": np.array(["a"], dtype=object), "pixels": np.zeros((1, 3, 224, 224), np.uint8),
-             "error": np.array(["read: gone"], dtype=object), "meta": np.array(["m"], dtype=object)})
-    assert out.to_pylist() == [{"id": "a", "labels": None, "probs": None, "error": "read: gone", "meta": "m"}]
+             "error": np.array(["read.failed: gone"], dtype=object), "meta": np.array(["m"], dtype=object)})
+    assert out.to_pylist() == [{"id": "a", "labels": None, "probs": None, "error": "read.failed: gone",
+                                "error_code": "read.failed", "meta": "m"}]

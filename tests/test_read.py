@@ -46,15 +46,16 @@ def test_transient_errors_are_retried(flaky):
 def test_persistent_transient_error_becomes_an_error_row(flaky):
     flaky.script = [ConnectionResetError("reset")] * 5
     data, error = read.fetch("flaky:///img.jpg", retries=3)
-    assert data == b"" and error == "read: failed after 3 attempts: ConnectionResetError: reset"
+    assert data == b"" and error == "read.failed: failed after 3 attempts: ConnectionResetError: reset"
     assert flaky.opens == 3
 
 
-@pytest.mark.parametrize("exc", [FileNotFoundError("gone"), PermissionError("403 Forbidden")])
-def test_missing_and_forbidden_are_not_retried(flaky, exc):
+@pytest.mark.parametrize("exc, code", [(FileNotFoundError("gone"), "read.not_found"),
+                                       (PermissionError("403 Forbidden"), "read.forbidden")])
+def test_missing_and_forbidden_are_not_retried(flaky, exc, code):
     flaky.script = [exc]
     data, error = read.fetch("flaky:///img.jpg", retries=3)
-    assert error == f"read: {type(exc).__name__}: {exc}" and flaky.opens == 1
+    assert error == f"{code}: {type(exc).__name__}: {exc}" and flaky.opens == 1
 
 
 def test_backoff_grows(monkeypatch, flaky):

@@ -12,8 +12,8 @@ from batchscore import sink
 
 def run(output, run_id: str, ids: list[str]) -> sink.StagedWriter:
     writer = sink.StagedWriter(str(output), run_id, {"model": "m@sha256:0", "run_id": run_id}, rows_per_file=2)
-    writer.write(pa.table({"id": ids, "labels": [["a"]] * len(ids), "probs": [[1.0]] * len(ids),
-                           "error": [None] * len(ids)}))
+    writer.write(pa.table({"id": ids, "source": ids, "labels": [["a"]] * len(ids), "probs": [[1.0]] * len(ids),
+                           "error": [None] * len(ids), "error_code": [None] * len(ids)}))
     writer.close()
     return writer
 
