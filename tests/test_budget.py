@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +77,15 @@ def test_budget_arithmetic():
 
 def test_exit_code_for_a_blown_budget():
     assert _exit_code(ErrorBudgetExceeded("x")) == EXIT_BUDGET == 3
+
+
+def test_cli_exits_3_and_commits_nothing(ray_session, tmp_path, folder, checkpoints):
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "batchscore.cli", "score", "--input", str(folder), "--output", str(out),
+                           "--model", str(checkpoints["vit"]), "--max-error-fraction", "0.2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    print(f"FIGURE budget via the CLI: exit {proc.returncode}, _SUCCESS present: {(out / '_SUCCESS').exists()}")
+    assert proc.returncode == EXIT_BUDGET, proc.stderr[-2000:]
+    assert "ErrorBudgetExceeded: 3 error rows (decode.empty=3) of 13 exceed max_error_fraction=0.2" in proc.stderr
+    assert not (out / "_SUCCESS").exists() and sorted(p.name for p in out.iterdir()) == ["_staging"]

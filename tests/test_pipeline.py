@@ -110,8 +110,13 @@ def test_rerun_on_committed_output_is_a_noop_and_overwrite_replaces(ray_session,
     folder, _ = mixed_inputs
     config = ScoreConfig(input=(str(folder),), output=mixed_run.output, model=str(checkpoints["deit"]), top_k=3,
                          max_error_fraction=1.0)
+    before = {p.name: p.stat().st_mtime_ns for p in Path(mixed_run.output).iterdir()}
     again = pipeline.score(config)
+    after = {p.name: p.stat().st_mtime_ns for p in Path(mixed_run.output).iterdir()}
+    print(f"FIGURE re-run on committed output: status {again.status}, {len(after)} entries, "
+          f"{sum(before.get(k) != v for k, v in after.items())} changed")
     assert again.status == "already_committed" and again.run_id == mixed_run.run_id
+    assert after == before  # nothing written, not even a lease
     replaced = pipeline.score(config.with_overrides(overwrite=True, top_k=1))
     assert replaced.status == "committed" and replaced.run_id != mixed_run.run_id
     out = Path(mixed_run.output)
