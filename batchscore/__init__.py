@@ -12,7 +12,7 @@ from typing import Any
 from batchscore.config import ConfigError, ScoreConfig
 from batchscore.result import RunResult
 
-__all__ = ["ConfigError", "RunResult", "ScoreConfig", "score"]
+__all__ = ["ConfigError", "RunResult", "ScoreConfig", "backfill", "nightly", "score"]
 
 
 def score(config: ScoreConfig | str | None = None, **overrides: Any) -> RunResult:
@@ -29,3 +29,23 @@ def score(config: ScoreConfig | str | None = None, **overrides: Any) -> RunResul
     elif not isinstance(config, ScoreConfig):
         config = ScoreConfig.from_yaml(config)
     return pipeline.score(config.with_overrides(**overrides))
+
+
+def nightly(config: ScoreConfig | str, date=None, **overrides: Any) -> RunResult:
+    """Scores one date partition of a job whose input and output hold `{date}` (default:
+    yesterday, UTC); a committed partition is a no-op, a failed one resumes."""
+    from batchscore import schedule
+
+    return schedule.nightly(_config(config).with_overrides(**overrides), date)
+
+
+def backfill(config: ScoreConfig | str, dates, parallel: int = 1, **overrides: Any):
+    """Scores each date as its own committed partition (see `batchscore.schedule.backfill`);
+    returns a pandas DataFrame of partition, status, rows, errors, seconds, output, error."""
+    from batchscore import schedule
+
+    return schedule.backfill(_config(config).with_overrides(**overrides), dates, parallel=parallel)
+
+
+def _config(config: ScoreConfig | str) -> ScoreConfig:
+    return config if isinstance(config, ScoreConfig) else ScoreConfig.from_yaml(config)

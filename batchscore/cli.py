@@ -1,4 +1,4 @@
-"""The `batchscore` command: `score`, `validate` and `demo`.
+"""The `batchscore` command: `score`, `validate`, `demo` and `inspect`.
 
 Flags are generated from `ScoreConfig`'s fields, so every setting a YAML job file can hold is
 also a flag (`top_k` ↔ `--top-k`), and a flag given on the command line wins over the file.
@@ -29,26 +29,49 @@ log = logging.getLogger("batchscore")
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def command():
+        if args.command == "inspect":
+            from batchscore import report
+
+            found = report.inspect_output(args.output)
+            print(json.dumps(found, indent=2) if args.json else report.format_report(found))
+            return None
         config = config_from_args(args)
         if args.command == "validate":
             print(json.dumps(config.to_dict(), indent=2))
-            return EXIT_OK
+            return None
         if args.command == "demo":
             from batchscore import demo
 
             print(demo.run(config).summary())
-            return EXIT_OK
+            return None
         from batchscore import pipeline
 
-        result = pipeline.score(config)
+        return pipeline.score(config)
+
+    return _guarded(command, args)
+
+
+def run_command(argv: list[str], action) -> int:
+    """Runs `action(config)` for a `score`-style command line, with the CLI's logging, messages
+    and exit codes; prints the `RunResult` it returns (if any). For jobs/*.py entry points."""
+    args = build_parser().parse_args(argv)
+    return _guarded(lambda: action(config_from_args(args)), args)
+
+
+def _guarded(command, args: argparse.Namespace) -> int:
+    """Runs `command()`; every failure ends as a logged message and an exit code."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = command()
     except Exception as e:  # noqa: BLE001 - every failure ends as a message and an exit code
         code = _exit_code(e)
         log.error("%s: %s", type(e).__name__, e, exc_info=code == EXIT_FAILED)
         return code
-    print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.summary())
+    if result is not None:
+        print(json.dumps(dataclasses.asdict(result), indent=2) if getattr(args, "json", False) else result.summary())
     return EXIT_OK
 
 
@@ -78,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "score":
             p.add_argument("--json", action="store_true", help="print the result as JSON")
         _add_config_flags(p)
+    p = sub.add_parser("inspect", help="report on the committed run in an output: counts, error codes, labels",
+                       description="Report on the committed run in OUTPUT (local or a bucket URI), read from its "
+                                   "manifest and the Parquet files it lists.")
+    p.add_argument("output", help="the run's output directory or URI")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 

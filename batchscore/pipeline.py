@@ -10,6 +10,7 @@ and commits only a complete run.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import datetime as dt
 import logging
 import platform
@@ -35,7 +36,7 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[li
     # read + decode: plain functions in CPU tasks. Same remote args, so Ray fuses them into one
     # task (bytes stay in the task); different ones from predict, so decode never runs inside
     # the model actor.
-    ds = read.dataset(entries)
+    ds = read.dataset(entries, files_per_block=max(config.batch_size, 8))
     options = read.ReadOptions(image_column=config.image_column, id_column=config.id_column,
                                passthrough=config.passthrough, retries=config.read_retries,
                                batch_size=config.decode_batch_size)
@@ -86,13 +87,12 @@ def score(config: ScoreConfig) -> RunResult:
         log.info("output %s already holds committed run %s", config.output, previous["run_id"])
         return _result_from_manifest(previous, config.output, "already_committed")
 
-    model = models.resolve(config.model, allow_pickle=config.allow_pickle)
-    resolved = time.monotonic()
-    log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
-             resolved - started)
-    entries = listing.list_inputs(config)
-    listed = time.monotonic()
-    log.info("listed %d inputs in %.2fs", len(entries), listed - resolved)
+    # Ray starts (or connects) while the model is resolved and the inputs listed: both mostly
+    # wait (on processes, imports, the object store), so together they take the longer of the two.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
+        prepared = pool.submit(_prepare, config, started)
+        ensure_ray()
+        model, entries, resolved, listed = prepared.result()
 
     attempt = _new_run_id()
     lease = Lease(config.output, attempt).acquire()
@@ -100,6 +100,17 @@ def score(config: ScoreConfig) -> RunResult:
         return _run(config, model, entries, attempt, lease, started, resolved, listed, started_at)
     finally:
         lease.release()
+
+
+def _prepare(config: ScoreConfig, started: float):
+    model = models.resolve(config.model, allow_pickle=config.allow_pickle)
+    resolved = time.monotonic()
+    log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
+             resolved - started)
+    entries = listing.list_inputs(config)
+    listed = time.monotonic()
+    log.info("listed %d inputs in %.2fs", len(entries), listed - resolved)
+    return model, entries, resolved, listed
 
 
 def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry], attempt: str, lease: Lease,
@@ -123,7 +134,6 @@ def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Ent
     progress = Progress(total=None if known_rows is None else known_rows - kept.rows,
                         every_seconds=config.progress_seconds)
     if todo:
-        ensure_ray()
         ds = build_dataset(config, model, todo)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             batch, totals = read.unpack_meta(batch, config.passthrough)
@@ -148,6 +158,7 @@ def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Ent
                "scoring_seconds": scored - listed, "first_row_seconds": progress.first_row_seconds or 0.0,
                "total_seconds": time.monotonic() - started}
     manifest = _manifest(config, model, entries, run_id, budget, parts, timings, started_at, progress.done)
+    manifest["timings"]["steady_images_per_second"] = round(progress.steady_rate, 2)
     manifest["attempt"] = {"id": attempt, "resumed": staged is not None, "rows_kept": kept.rows,
                            "rows_scored": progress.done, "parts_rewritten": kept.parts_rewritten,
                            "parts_discarded": kept.parts_broken}

@@ -15,17 +15,29 @@ class Progress:
         self.done = self.errors = 0
         self.start = time.monotonic()
         self.first_row_seconds: float | None = None
+        self.first_batch_rows = 0
+        self.last_row_seconds = 0.0
         self._last = self.start
 
     def update(self, rows: int, errors: int) -> None:
         now = time.monotonic()
         if self.first_row_seconds is None and rows:
             self.first_row_seconds = now - self.start
+            self.first_batch_rows = rows
+            log.info("first rows after %.2fs", self.first_row_seconds)
+        if rows:
+            self.last_row_seconds = now - self.start
         self.done += rows
         self.errors += errors
         if now - self._last >= self.every:
             self._last = now
             log.info("%s", self.line())
+
+    @property
+    def steady_rate(self) -> float:
+        """Rows per second between the first and the last batch (start-up excluded)."""
+        span = self.last_row_seconds - (self.first_row_seconds or 0.0)
+        return (self.done - self.first_batch_rows) / span if span > 0 else 0.0
 
     @property
     def rate(self) -> float:

@@ -11,7 +11,9 @@ those of *complete* inputs only:
     tar shard, request   as many rows as its count says (recorded in the part holding
                          its last row; without that count it is scored again)
 
-Rows of incomplete inputs, and of inputs no longer listed, are dropped (a part holding any is
+Inputs with an error row are scored again too: the cause may be gone (a run that blew its
+error budget on a wrong permission is resumed after the fix). Rows of incomplete inputs, of
+inputs with errors and of inputs no longer listed are dropped (a part holding any is
 rewritten without them), so the committed result has exactly the rows of a clean run.
 """
 
@@ -86,14 +88,17 @@ def adopt(run: sink.StagedRun, writer: sink.StagedWriter, entries: list[listing.
         writer.fs.rm(f"{writer.staging}/{name}")
     listed = {e.id: e for e in entries}
     counts: collections.Counter[str] = collections.Counter()
+    failed: set[str] = set()
     per_part = {}
     for part in run.parts:
-        per_part[part.name] = sink.read_staged_part(writer, part, ["source"]).column("source").to_pylist()
+        t = sink.read_staged_part(writer, part, ["source", "error"])
+        per_part[part.name] = t.column("source").to_pylist()
         counts.update(per_part[part.name])
+        failed.update(s for s, e in zip(per_part[part.name], t.column("error").to_pylist()) if e is not None)
     for source, n in counts.items():
         entry = listed.get(source)
         expected = None if entry is None else entry.rows if entry.rows is not None else run.container_rows.get(source)
-        if expected == n:
+        if expected == n and source not in failed:
             kept.complete.add(source)
     kept.container_rows = {s: n for s, n in run.container_rows.items() if s in kept.complete}
     for part in run.parts:
