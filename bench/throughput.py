@@ -305,7 +305,9 @@ def bench(kind: str, count: int, work: Path, batch_sizes: list[int], dtype: str,
             assert manifest["counts"]["rows"] == count, manifest["counts"]
             # Steady rate: rows after the first batch over the time from the first to the last
             # batch reaching the driver (start-up and shutdown excluded).
-            r["images_per_second"] = manifest["timings"]["steady_images_per_second"]
+            # With a single batch there is no span: fall back to the rate over the scoring time.
+            timings = manifest["timings"]
+            r["images_per_second"] = timings.get("steady_images_per_second") or timings["images_per_second"]
             r["batch_size"] = manifest["config"]["batch_size"]
         r["end_to_end_images_per_second"] = count / r["wall_seconds"]
         results[name] = r

@@ -56,7 +56,7 @@ def wait_for_parts(output: Path, n: int, alive, timeout: float = 120) -> None:
 @pytest.fixture(scope="module")
 def inputs(session_tmp):
     d = session_tmp / "faults-in"
-    small_photos(d, 400, seed=5)
+    small_photos(d, 240, seed=5)
     return d
 
 
@@ -95,7 +95,7 @@ def test_removed_worker_node_costs_nothing(inputs, checkpoints, tmp_path):
     print(f"FIGURE node removal: {got}")
     assert got["error"] is None and got["removed_mid_run"]
     assert got["nodes_before"] == 2 and got["nodes_after"] == 1
-    assert got["rows"] == got["unique_ids"] == 400 and got["errors"] == 0
+    assert got["rows"] == got["unique_ids"] == 240 and got["errors"] == 0
 
 
 def test_killed_driver_leaves_no_success_and_resume_completes_the_same_rows(ray_session, reference, tmp_path):

@@ -54,7 +54,11 @@ def ray_head(object_stores):
     env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}:{env.get('PATH', '')}"})
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+                    f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                    # The test session's own Ray already holds the agents' default ports.
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                    f"--ray-client-server-port={free_port()}"],
                    env=env, check=True, capture_output=True, text=True, timeout=120)
     try:
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": {**env, "RAY_AUTH_MODE": "token"}}
@@ -77,8 +81,15 @@ def ray_head(object_stores):
 
 
 def submit(head: dict, *job: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
-                           "--", *job], env=head["env"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    """`ray job submit`; retried while the fresh head's job agent is not registered yet."""
+    deadline = time.monotonic() + 90
+    while True:
+        proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir",
+                               str(ROOT), "--", *job], env=head["env"], capture_output=True, text=True, timeout=600,
+                              cwd=ROOT)
+        if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(2)
 
 
 def test_ray_job_submit_nightly_commits_the_partition_and_a_second_submit_is_a_noop(ray_head, tmp_path):
