@@ -98,7 +98,7 @@ class Lease:
         except FileNotFoundError:
             return None
         except ValueError:
-            return {"run_id": "?", "heartbeat": 0.0}  # unreadable: treat as stale once ttl passed
+            return {"run_id": "?", "heartbeat": 0.0}  # unreadable: no valid heartbeat, so stale
 
     def _body(self) -> bytes:
         now = time.time()

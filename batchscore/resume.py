@@ -89,12 +89,13 @@ def adopt(run: sink.StagedRun, writer: sink.StagedWriter, entries: list[listing.
     listed = {e.id: e for e in entries}
     counts: collections.Counter[str] = collections.Counter()
     failed: set[str] = set()
-    per_part = {}
+    columns = {}  # part name -> its id, source and error columns, read once
     for part in run.parts:
-        t = sink.read_staged_part(writer, part, ["source", "error"])
-        per_part[part.name] = t.column("source").to_pylist()
-        counts.update(per_part[part.name])
-        failed.update(s for s, e in zip(per_part[part.name], t.column("error").to_pylist()) if e is not None)
+        t = sink.read_staged_part(writer, part, ["id", "source", "error"])
+        columns[part.name] = t
+        sources, errors = t.column("source").to_pylist(), t.column("error").to_pylist()
+        counts.update(sources)
+        failed.update(s for s, e in zip(sources, errors) if e is not None)
     for source, n in counts.items():
         entry = listed.get(source)
         expected = None if entry is None else entry.rows if entry.rows is not None else run.container_rows.get(source)
@@ -102,14 +103,14 @@ def adopt(run: sink.StagedRun, writer: sink.StagedWriter, entries: list[listing.
             kept.complete.add(source)
     kept.container_rows = {s: n for s, n in run.container_rows.items() if s in kept.complete}
     for part in run.parts:
-        table = sink.read_staged_part(writer, part, ["id", "source", "error"])
-        if all(s in kept.complete for s in per_part[part.name]):
+        table = columns[part.name]
+        mask = [s in kept.complete for s in table.column("source").to_pylist()]
+        if all(mask):
             kept.parts_kept += 1
         else:  # drop the incomplete inputs' rows: read, delete, write again (a crash here only costs work)
-            full = sink.read_staged_part(writer, part)
-            mask = [s in kept.complete for s in per_part[part.name]]
+            full = sink.read_staged_part(writer, part).filter(mask)
             sink.drop_staged_part(writer, part.name)
-            table, full = table.filter(mask), full.filter(mask)
+            table = table.filter(mask)
             if full.num_rows:
                 writer.write(full.drop_columns(["model", "run_id"]), kept.container_rows)
             kept.parts_rewritten += 1

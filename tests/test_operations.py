@@ -63,18 +63,13 @@ def ray_head(object_stores):
     try:
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": {**env, "RAY_AUTH_MODE": "token"}}
     finally:
-        for pid in pids_using(temp):
-            try:
-                os.kill(pid, 15)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
-        for pid in pids_using(temp):
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
+        for signal_number, wait in ((15, 2.0), (9, 0.5)):  # TERM, then KILL what is left
+            for pid in pids_using(temp):
+                try:
+                    os.kill(pid, signal_number)
+                except ProcessLookupError:
+                    pass
+            time.sleep(wait)
         left = pids_using(temp)
         shutil.rmtree(temp, ignore_errors=True)
         assert not left, f"Ray head processes still running: {left}"
