@@ -53,7 +53,9 @@ class ScoreConfig:
         allow_pickle: Accept a checkpoint whose weights are only pickle files
             (pytorch_model.bin); they are then loaded with torch.load(weights_only=True).
         top_k: How many labels per image, most probable first; 0 keeps all classes.
-        batch_size: Images per forward pass.
+        batch_size: Images per forward pass; None = measured: each inference actor times
+            its first chunks at 8, 16 and 32 images (16 to 128 on a GPU) and keeps the
+            fastest per image.
         dtype: Model dtype; auto = fp16 on CUDA, bf16 on a CPU with native bf16, else fp32.
         device: auto = CUDA when the actor was given a GPU, else CPU.
         actors: (min, max) size of the inference actor pool.
@@ -65,6 +67,9 @@ class ScoreConfig:
         decode_cpus: CPUs per read/decode task. Must differ from the actor's CPUs so Ray
             does not fuse decode into the model actor.
         decode_batch_size: Images per read/decode task call.
+        decode_nice: Niceness (0-19) of the threads that decode, on Linux: where decode
+            shares cores with the model, the model's threads are served first and decode
+            fills the gaps. 0 = normal priority.
         max_image_pixels: Decompression-bomb guard: images declaring more pixels are refused.
         extensions: File endings of images kept when an input is a directory of images
             (globs and files are taken as given).
@@ -90,7 +95,7 @@ class ScoreConfig:
     model: str | None = None
     allow_pickle: bool = False
     top_k: int = 5
-    batch_size: int = 16
+    batch_size: int | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     actors: tuple[int, int] = (1, 1)
@@ -98,6 +103,7 @@ class ScoreConfig:
     cpus_per_actor: float | None = None
     decode_cpus: float = 0.5
     decode_batch_size: int = 32
+    decode_nice: int = 10
     max_image_pixels: int = 89_478_485
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     rows_per_file: int = 100_000
@@ -175,7 +181,7 @@ class ScoreConfig:
         need(self.dtype in DTYPES, f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.device in DEVICES, f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.top_k >= 0, f"top_k: expected 0 (all classes) or a positive number, got {self.top_k}")
-        need(self.batch_size >= 1, f"batch_size: expected a positive number, got {self.batch_size}")
+        need(self.batch_size is None or self.batch_size >= 1, f"batch_size: expected a positive number, got {self.batch_size}")
         need(self.decode_batch_size >= 1, f"decode_batch_size: expected a positive number, got {self.decode_batch_size}")
         lo, hi = self.actors
         need(1 <= lo <= hi, f"actors: expected MIN[,MAX] with 1 <= MIN <= MAX, got {lo},{hi}")
@@ -184,6 +190,7 @@ class ScoreConfig:
         need(self.cpus_per_actor is None or self.cpus_per_actor > 0,
              f"cpus_per_actor: expected a number > 0, got {self.cpus_per_actor}")
         need(self.decode_cpus > 0, f"decode_cpus: expected a number > 0, got {self.decode_cpus}")
+        need(0 <= self.decode_nice <= 19, f"decode_nice: expected a niceness from 0 to 19, got {self.decode_nice}")
         need(self.max_image_pixels >= 1, f"max_image_pixels: expected a positive number, got {self.max_image_pixels}")
         need(self.rows_per_file >= 1, f"rows_per_file: expected a positive number, got {self.rows_per_file}")
         need(self.part_seconds > 0, f"part_seconds: expected a number > 0, got {self.part_seconds}")

@@ -55,3 +55,14 @@ class Progress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (f"progress: {self.done}/{self.total} images ({pct:.1f}%), {self.errors} errors, "
                 f"{rate:.1f} images/s, eta {eta}")
+
+
+def log_from_worker() -> None:
+    """Gives batchscore's logger a stderr handler in a Ray worker, where Ray shows it in the
+    driver's output (prefixed with the actor's name and pid); the driver has its own."""
+    logger = logging.getLogger("batchscore")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

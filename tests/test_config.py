@@ -51,7 +51,7 @@ def test_yaml_then_flags_override(tmp_path):
     cfg = config_from_args(args)
     assert cfg.input == ("a", "b") and cfg.output == "out"  # from the file
     assert cfg.top_k == 7 and cfg.actors == (2, 4)  # flags win
-    assert cfg.batch_size == 16  # default
+    assert cfg.batch_size is None  # default: measured by the actor
 
 
 def test_unknown_key_in_yaml_names_the_file(tmp_path):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import sys
+import threading
 import zlib
 
 import numpy as np
@@ -171,3 +174,20 @@ def test_shortest_edge_resize_follows_transformers():
     assert decode.resize_target((451, 300), s) == (96, 64)
     out = decode_one(encode(gradient(451, 300), "PNG"), s, BIG)
     assert out.shape == (3, 56, 56)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are niced one by one on Linux only")
+def test_niced_decode_runs_in_a_lower_priority_thread_and_gives_the_same_pixels(photos):
+    files = sorted(photos.glob("*.jpg"))[:3]
+    batch = {"id": np.array([f.name for f in files], dtype=object),
+             "data": np.array([f.read_bytes() for f in files], dtype=object),
+             "error": np.array([""] * len(files), dtype=object), "meta": np.array(["{}"] * len(files), dtype=object)}
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    plain = decode_batch(batch, spec=spec(32, 32), max_image_pixels=BIG)
+    niced = decode_batch(batch, spec=spec(32, 32), max_image_pixels=BIG, nice=mine + 7)
+    assert np.array_equal(plain["pixels"], niced["pixels"]) and list(plain["error"]) == list(niced["error"])
+    assert plain["pixels"].any()
+    pool = decode._NICED[mine + 7]
+    assert pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result() == mine + 7
+    # Only the decode thread was reniced: this thread (a Ray worker's, for its next task) was not.
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batchscore
-from batchscore import listing, models, pipeline, runtime, sink
+from batchscore import listing, models, pipeline, read, runtime, sink
 from batchscore.config import ConfigError, ScoreConfig
 
 ROOT = Path(__file__).parent.parent
@@ -146,6 +146,17 @@ def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, pho
     monkeypatch.setattr(pipeline, "actor_resources", lambda c: runtime.ActorResources(cpus=0.5, gpus=0.0))
     fused = physical_plan()
     assert "ActorPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
+
+
+def test_each_actor_call_gets_one_read_block_of_one_batch(ray_session):
+    """Blocks of exactly `files_per_block` files, so Ray Data never bundles two into one actor
+    call (an even split of 70 files would give blocks of 24, and two of them per batch of 32)."""
+    entries = [listing.Entry(id=f"f{i}", uri=f"/x/f{i}.jpg", kind="file", rows=1) for i in range(70)]
+    ds = read.dataset(entries, files_per_block=32)
+    assert [len(b["id"]) for b in ds.iter_batches(batch_size=None)] == [32, 32, 6]
+    assert [r["id"] for r in ds.take_all()] == [e.id for e in entries]
+    bundled = ds.map_batches(lambda b: {"n": [len(b["id"])] * len(b["id"])}, batch_size=32)
+    assert sorted(set(bundled.to_pandas()["n"])) == [6, 32]
 
 
 def test_equal_decode_and_actor_cpus_are_refused(ray_session):

@@ -59,3 +59,62 @@ def test_all_rows_failed_batch(checkpoints):
              "error": np.array(["read.failed: gone"], dtype=object), "meta": np.array(["m"], dtype=object)})
     assert out.to_pylist() == [{"id": "a", "labels": None, "probs": None, "error": "read.failed: gone",
                                 "error_code": "read.failed", "meta": "m"}]
+
+
+def test_batch_sizer_keeps_the_fastest_size_per_image_and_ignores_warmup():
+    sizer = predict.BatchSizer((8, 16, 32), rounds=3)
+    cost = {8: 0.10, 16: 0.08, 32: 0.12}  # seconds per image; 16 is fastest
+    used = []
+    for _ in range(9):
+        size = sizer.next_size()
+        used.append(size)
+        warmup = 50.0 if used.count(size) == 1 else 0.0  # a very slow first batch must not count
+        sizer.record(size, 32, 32 * cost[size] + warmup)
+    assert used == [8, 16, 32] * 3
+    assert sizer.chosen == 16 and sizer.next_size() == 16
+    sizer.record(16, 32, 1000.0)  # decided: later timings change nothing
+    assert sizer.chosen == 16
+
+
+def test_batch_sizer_takes_each_sizes_best_time_and_counts_short_batches():
+    sizer = predict.BatchSizer((8, 16), rounds=3)
+    # Batches come short when rows with errors skip the model; they count at their images.
+    # 8: warm-up, then 0.2 and 0.05 s/image (one batch slowed by a neighbour); 16: 0.1 twice.
+    for size, images, per_image in [(8, 32, 9.9), (16, 27, 9.9), (8, 30, 0.2), (16, 32, 0.1), (8, 25, 0.05)]:
+        assert sizer.next_size() == size and sizer.chosen is None
+        sizer.record(size, images, images * per_image)
+    sizer.record(16, 32, 32 * 0.1)
+    assert sizer.chosen == 8
+    sizer2 = predict.BatchSizer((8, 16))
+    sizer2.record(8, 0, 0.0)  # a batch of error rows only ran nothing: not a turn
+    assert sizer2.next_size() == 8
+
+
+def test_fixed_batch_size_is_not_probed():
+    sizer = predict.BatchSizer(predict.batch_candidates(12, on_gpu=False))
+    assert sizer.chosen == 12 and sizer.next_size() == 12
+    assert predict.chunks(30, 12) == [(0, 12), (12, 24), (24, 30)]
+    assert predict.batch_candidates(None, on_gpu=False) == predict.CPU_BATCH_CANDIDATES
+    assert max(predict.batch_candidates(None, on_gpu=True)) > max(predict.CPU_BATCH_CANDIDATES)
+
+
+def test_probed_predictor_gives_the_same_rows_as_a_fixed_batch(checkpoints):
+    """Chunking a batch for the probe changes neither the order nor the numbers of the rows."""
+    info = models.resolve(str(checkpoints["vit"]))
+    rng = np.random.default_rng(1)
+    probed = predict.Predictor(info, "cpu", "fp32", top_k=3)
+    fixed = predict.Predictor(info, "cpu", "fp32", top_k=3, batch_size=32)
+    assert probed.sizer.chosen is None and fixed.sizer.chosen == 32
+    for n in (32,) * 9 + (20,):  # 3 batches at each of 8, 16 and 32 for the probe to decide, then one more
+        pixels = rng.integers(0, 256, (n, 3, 224, 224), dtype=np.uint8)
+        errors = np.array(["decode.empty: empty file" if i % 7 == 3 else "" for i in range(n)], dtype=object)
+        batch = {"id": np.array([f"i{i}" for i in range(n)], dtype=object), "pixels": pixels, "error": errors,
+                 "meta": np.array(["m"] * n, dtype=object)}
+        a, b = probed(batch).to_pylist(), fixed(batch).to_pylist()
+        assert [r["id"] for r in a] == [r["id"] for r in b] == list(batch["id"])
+        assert [r["labels"] for r in a] == [r["labels"] for r in b]
+        for ra, rb in zip(a, b):
+            assert (ra["probs"] is None) == (rb["probs"] is None)
+            if ra["probs"] is not None:
+                assert np.allclose(ra["probs"], rb["probs"], atol=1e-5)
+    assert probed.sizer.chosen in predict.CPU_BATCH_CANDIDATES
