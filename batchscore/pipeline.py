@@ -60,6 +60,7 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[li
         compute=ray.data.ActorPoolStrategy(min_size=config.actors[0], max_size=config.actors[1]),
         num_cpus=resources.cpus,
         num_gpus=resources.gpus,
+        runtime_env=resources.runtime_env() or None,
     )
     return ds
 

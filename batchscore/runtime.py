@@ -55,6 +55,18 @@ class ActorResources:
     cpus: float
     gpus: float
 
+    def runtime_env(self) -> dict:
+        """The inference actor's runtime env (merged by Ray into the job's: only env_vars are set).
+
+        On CPU, torch's OpenMP threads wait passively (sleep) at the end of each parallel
+        region instead of spinning: the actor shares its cores with decode, the driver and
+        Ray, and spinning took 10-14% more CPU for the same images while giving 2-3% less
+        throughput (docs/benchmarks.md). An OMP_WAIT_POLICY set by the user wins.
+        """
+        if self.gpus > 0 or "OMP_WAIT_POLICY" in os.environ:
+            return {}
+        return {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
 
 def actor_resources(config: ScoreConfig) -> ActorResources:
     """CPUs and GPUs for each inference actor, from the config or the cluster's size."""

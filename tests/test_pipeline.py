@@ -142,8 +142,10 @@ def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, pho
     print(plan)
     assert "TaskPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)]" in plan
     assert "ActorPoolMapOperator[MapBatches(Predictor)]" in plan
-    # Negative control: with equal remote args Ray does fuse decode into the model actor.
+    # Negative control: with equal remote args Ray does fuse decode into the model actor (the
+    # actor's runtime env, which alone would keep them apart, is off when the user sets OpenMP's).
     monkeypatch.setattr(pipeline, "actor_resources", lambda c: runtime.ActorResources(cpus=0.5, gpus=0.0))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     fused = physical_plan()
     assert "ActorPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
 
@@ -164,9 +166,16 @@ def test_equal_decode_and_actor_cpus_are_refused(ray_session):
         runtime.actor_resources(ScoreConfig(cpus_per_actor=0.5, decode_cpus=0.5))
 
 
-def test_actor_gets_the_cpus_left_by_decode(ray_session):
+def test_actor_gets_the_cpus_left_by_decode(ray_session, monkeypatch):
     res = runtime.actor_resources(ScoreConfig())
     assert (res.cpus, res.gpus) == (1.5, 0.0)  # 2 CPUs in the test cluster, 0.5 for decode
+    # Its OpenMP threads sleep rather than spin at barriers, as it shares cores; not on a GPU,
+    # and never against the user's own setting.
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert res.runtime_env() == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    assert runtime.ActorResources(cpus=1.0, gpus=1.0).runtime_env() == {}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert res.runtime_env() == {}
     with pytest.raises(ConfigError, match="device=cuda needs gpus_per_actor > 0"):
         runtime.actor_resources(ScoreConfig(device="cuda"))
 
