@@ -43,18 +43,19 @@ def local_reference(ray_session, session_tmp, photos, checkpoints):
     return read_committed(str(out))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
+def run_cli(ray_session, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in its own process, joining the session's Ray (these tests are about the
+    stores; tests/test_pipeline.py runs the CLI with a Ray of its own)."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     return subprocess.run([sys.executable, "-m", "batchscore.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
 
 
 @pytest.mark.parametrize("scheme, bucket", [("gs", "bs-gcs-e2e"), ("s3", "bs-s3-e2e")])
-def test_cli_bucket_to_bucket_matches_a_local_run(object_stores, local_reference, photos, checkpoints, scheme, bucket):
+def test_cli_bucket_to_bucket_matches_a_local_run(ray_session, local_reference, photos, checkpoints, scheme, bucket):
     upload_dir(photos, f"{scheme}://{bucket}/images/dt=2026-11-23")
     out = f"{scheme}://{bucket}/scores/dt=2026-11-23"
-    proc = run_cli("score", "--input", f"{scheme}://{bucket}/images/dt=2026-11-23/", "--output", out,
+    proc = run_cli(ray_session, "score", "--input", f"{scheme}://{bucket}/images/dt=2026-11-23/", "--output", out,
                    "--model", str(checkpoints["vit"]), "--dtype", "fp32", "--top-k", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"output: {out}" in proc.stdout
@@ -70,8 +71,8 @@ def test_cli_bucket_to_bucket_matches_a_local_run(object_stores, local_reference
     assert remote[next(iter(remote))]["id"].startswith(f"{scheme}://{bucket}/images/dt=2026-11-23/")
 
 
-def test_unwritable_output_fails_before_scoring_and_commits_nothing(object_stores, photos, checkpoints):
-    proc = run_cli("score", "--input", str(photos), "--output", "gs://bs-no-such-bucket/scores",
+def test_unwritable_output_fails_before_scoring_and_commits_nothing(ray_session, photos, checkpoints):
+    proc = run_cli(ray_session, "score", "--input", str(photos), "--output", "gs://bs-no-such-bucket/scores",
                    "--model", str(checkpoints["vit"]))
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "SinkError: output 'gs://bs-no-such-bucket/scores' is not writable" in proc.stderr
