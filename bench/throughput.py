@@ -186,7 +186,7 @@ def _dtype(name: str):
     return resolve_runtime("cpu", name)[1] if name == "auto" else getattr(torch, name)
 
 
-def variant_forward(model: str, files: list[str], batch_sizes: list[int], dtype: str) -> dict:
+def variant_forward(model: str, files: list[str], batch_sizes: list[int], dtype: str, seconds: float) -> dict:
     """The model alone: decoded, normalised tensors in memory, each batch size in turn."""
     import numpy as np
     import torch
@@ -207,7 +207,7 @@ def variant_forward(model: str, files: list[str], batch_sizes: list[int], dtype:
             batch = x[torch.arange(bs) % len(x)]
             net(pixel_values=batch)  # warm-up
             n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < max(3.0, 0.02 * len(files) / max(1, len(batch_sizes))) or n < 2 * bs:
+            while time.perf_counter() - start < seconds or n < 2 * bs:
                 net(pixel_values=batch)
                 n += bs
             per_bs[bs] = n / (time.perf_counter() - start)
@@ -272,12 +272,13 @@ def run_variant(argv: list[str]) -> None:
     p.add_argument("--model")
     p.add_argument("--files")
     p.add_argument("--batch-sizes", type=int, nargs="+")
+    p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--dtype")
     p.add_argument("--out")
     a = p.parse_args(argv)
     files = Path(a.files).read_text().split()
     if a.name == "forward":
-        result = variant_forward(a.model, files, a.batch_sizes, a.dtype)
+        result = variant_forward(a.model, files, a.batch_sizes, a.dtype, a.seconds)
     elif a.name == "loop":
         result = variant_loop(a.model, files, a.batch_sizes[0], a.dtype, a.out)
     else:
@@ -287,7 +288,8 @@ def run_variant(argv: list[str]) -> None:
 
 # -- the bench ----------------------------------------------------------------------------
 
-def bench(kind: str, count: int, work: Path, batch_sizes: list[int], dtype: str, variants: list[str]) -> dict:
+def bench(kind: str, count: int, work: Path, batch_sizes: list[int], dtype: str, variants: list[str],
+          forward_seconds: float | None = None) -> dict:
     model = make_checkpoint(kind, work / f"ckpt-{kind}")
     images = make_images(work / f"images-{count}", count)
     files = sorted(str(p) for p in images.glob("*.jpg"))
@@ -299,8 +301,11 @@ def bench(kind: str, count: int, work: Path, batch_sizes: list[int], dtype: str,
     for name in variants:
         out = work / f"out-{kind}-{count}-{name}"
         if name == "forward":
+            # Each batch size runs this long: 3 s (the first version, at 300 images) left
+            # forward-only 5-10% apart between runs, below the loop once.
+            seconds = forward_seconds or max(10.0, 0.02 * count / len(batch_sizes))
             cmd = me + ["forward", "--model", str(model), "--files", str(listing), "--batch-sizes", *map(str, batch_sizes),
-                        "--dtype", dtype]
+                        "--dtype", dtype, "--seconds", str(seconds)]
         elif name in ("loop", "pipeline"):
             cmd = me + [name, "--model", str(model), "--files", str(listing), "--batch-sizes", str(best_bs),
                         "--dtype", dtype, "--out", str(out) + ".parquet"]
@@ -364,6 +369,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vit-b16", "vit-ti16"], choices=sorted(MODELS))
     parser.add_argument("--counts", nargs="+", type=int, default=[300, 3000])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 16, 32])
+    parser.add_argument("--forward-seconds", type=float,
+                        help="seconds forward-only runs at each batch size (default: 10, or 0.02 s per image)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on a CPU with native bf16), bfloat16 or float32")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--tiny", action="store_true", help="the 2-layer test model only (a smoke run)")
@@ -377,7 +384,8 @@ def main() -> None:
     results = {}
     for kind in models:
         for count in args.counts:
-            results[(kind, count)] = bench(kind, count, args.work, args.batch_sizes, args.dtype, args.variants)
+            results[(kind, count)] = bench(kind, count, args.work, args.batch_sizes, args.dtype, args.variants,
+                                           args.forward_seconds)
     print()
     print(report(results, args.variants))
     if args.json:

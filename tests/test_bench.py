@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_throughput_bench_runs_every_variant_on_a_tiny_model(tmp_path):
     figures = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--tiny", "--counts", "40",
-                           "--batch-sizes", "4", "8", "--work", str(tmp_path / "work"), "--json", str(figures)],
+                           "--batch-sizes", "4", "8", "--forward-seconds", "0.5", "--work", str(tmp_path / "work"),
+                           "--json", str(figures)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(figures.read_text())["results"]["tiny/40"]
