@@ -53,9 +53,9 @@ class ScoreConfig:
         allow_pickle: Accept a checkpoint whose weights are only pickle files
             (pytorch_model.bin); they are then loaded with torch.load(weights_only=True).
         top_k: How many labels per image, most probable first; 0 keeps all classes.
-        batch_size: Images per forward pass; None = measured: each inference actor times
-            its first chunks at 8, 16 and 32 images (16 to 128 on a GPU) and keeps the
-            fastest per image.
+        batch_size: Images per forward pass; None = measured: each inference actor runs
+            its first batches in chunks of 8, 16 and 32 images (16 to 128 on a GPU), times
+            them and keeps the fastest per image.
         dtype: Model dtype; auto = fp16 on CUDA, bf16 on a CPU with native bf16, else fp32.
         device: auto = CUDA when the actor was given a GPU, else CPU.
         actors: (min, max) size of the inference actor pool.

@@ -60,8 +60,8 @@ class ActorResources:
 
         On CPU, torch's OpenMP threads wait passively (sleep) at the end of each parallel
         region instead of spinning: the actor shares its cores with decode, the driver and
-        Ray, and spinning took 10-14% more CPU for the same images while giving 2-3% less
-        throughput (docs/benchmarks.md). An OMP_WAIT_POLICY set by the user wins.
+        Ray, and spinning took 10-18% more actor CPU for the same images while giving
+        2-10% fewer images/s (docs/benchmarks.md). An OMP_WAIT_POLICY set by the user wins.
         """
         if self.gpus > 0 or "OMP_WAIT_POLICY" in os.environ:
             return {}
