@@ -69,9 +69,19 @@ def _niced(nice: int) -> concurrent.futures.ThreadPoolExecutor:
     worker's own thread (and any other task it runs later) keeps its priority."""
     if nice not in _NICED:
         _NICED[nice] = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"batchscore-decode-nice{nice}",
-            initializer=lambda: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice))
+            1, thread_name_prefix=f"batchscore-decode-nice{nice}", initializer=_renice, initargs=(nice,))
     return _NICED[nice]
+
+
+def _renice(nice: int) -> None:
+    """Raises this thread's niceness to `nice`; never lowers it (that needs privileges), and
+    where renicing is refused decode simply runs at the worker's priority: a failing
+    initializer would break the pool and fail every batch."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    except OSError:
+        pass
 
 
 def _decode_rows(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_image_pixels: int) -> dict[str, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import os
 import struct
@@ -191,3 +192,21 @@ def test_niced_decode_runs_in_a_lower_priority_thread_and_gives_the_same_pixels(
     assert pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result() == mine + 7
     # Only the decode thread was reniced: this thread (a Ray worker's, for its next task) was not.
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are niced one by one on Linux only")
+def test_decode_niceness_is_only_ever_raised():
+    """In a worker already nicer than decode_nice, decode stays as nice: lowering needs
+    privileges, and a failed renice in the pool's initializer would fail every batch."""
+    def renice_in_a_thread(start: int, ask: int) -> int:
+        def run() -> int:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, start)
+            decode._renice(ask)
+            return os.getpriority(os.PRIO_PROCESS, tid)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(run).result()
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert renice_in_a_thread(mine + 5, mine + 2) == mine + 5
+    assert renice_in_a_thread(mine + 5, mine + 8) == mine + 8
