@@ -105,7 +105,7 @@ class BatchSizer:
         self.seconds_per_image: dict[int, list[float]] = {c: [] for c in self.candidates}
         self.chosen: int | None = self.candidates[0] if len(self.candidates) == 1 else None
         self._turn = 0
-        self._seen: dict[int, int] = dict.fromkeys(self.candidates, 0)
+        self._warm: set[int] = set()  # sizes whose first (uncounted) batch has run
 
     def next_size(self) -> int:
         """The chunk size for the next batch."""
@@ -117,9 +117,9 @@ class BatchSizer:
         """Counts one batch of `images` images run in chunks of `size` in `seconds`."""
         if self.chosen is not None or images == 0:
             return
-        self._seen[size] += 1
-        if self._seen[size] > 1:
+        if size in self._warm:
             self.seconds_per_image[size].append(seconds / images)
+        self._warm.add(size)
         self._turn += 1
         if all(len(v) >= self.rounds - 1 for v in self.seconds_per_image.values()):
             best = {c: min(v) for c, v in self.seconds_per_image.items()}

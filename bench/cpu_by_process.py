@@ -21,36 +21,9 @@ import subprocess
 import sys
 import time
 
+from throughput import descendants, pss_bytes  # bench/ is on sys.path when run as a script
+
 HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            out.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(entry))
-    return out
-
-
-def _tree(root: int) -> list[int]:
-    children, pids = _children(), [root]
-    for pid in pids:
-        pids.extend(children.get(pid, []))
-    return pids
-
-
-def _pss_mib(pid: int) -> float:
-    try:
-        for line in open(f"/proc/{pid}/smaps_rollup"):
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def measure(cmd: list[str], period: float = 0.25, pss: bool = False):
@@ -62,9 +35,9 @@ def measure(cmd: list[str], period: float = 0.25, pss: bool = False):
     tick = 0
     while proc.poll() is None:
         tick += 1
-        for pid in _tree(proc.pid):
+        for pid in descendants(proc.pid):
             if pss and tick % round(1 / period) == 0:
-                peaks[pid] = max(peaks.get(pid, 0.0), _pss_mib(pid))
+                peaks[pid] = max(peaks.get(pid, 0.0), pss_bytes(pid) / 2**20)
             try:
                 stat = open(f"/proc/{pid}/stat").read()
                 cmdline = open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip()

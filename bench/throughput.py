@@ -94,8 +94,8 @@ def make_images(folder: Path, n: int) -> Path:
 
 # -- measuring a process tree -----------------------------------------------------------
 
-def tree_pss(root: int) -> int:
-    """PSS bytes of `root` and all its descendants."""
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it (from /proc/<pid>/stat's parent ids)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -104,18 +104,26 @@ def tree_pss(root: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            continue
-    return total
+    pids = [root]
+    for pid in pids:
+        pids.extend(children.get(pid, []))
+    return pids
+
+
+def pss_bytes(pid: int) -> int:
+    """PSS of one process (0 once it has gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pss(root: int) -> int:
+    """PSS bytes of `root` and all its descendants."""
+    return sum(pss_bytes(pid) for pid in descendants(root))
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
