@@ -1,9 +1,10 @@
 """Helper for test_faults.py (run as its own process): a two-node Ray cluster on loopback
 (`ray.cluster_utils.Cluster`), a scoring run, and the worker node removed mid-run.
 
-    python tests/node_removal.py INPUT_DIR OUTPUT_DIR CHECKPOINT
+    python tests/node_removal.py INPUT_DIR OUTPUT_DIR CHECKPOINT RESULT_JSON
 
-Prints one JSON line: rows, unique ids, whether the node was removed while the run was going.
+Writes RESULT_JSON: rows, unique ids, whether the node was removed while the run was going (a
+file, not stdout: Ray's own log lines reach stdout at any time, even after the last print).
 """
 
 from __future__ import annotations
@@ -22,11 +23,17 @@ from batchscore.config import ScoreConfig
 from batchscore.runtime import loopback_only
 
 
-def main(inputs: str, output: str, checkpoint: str) -> None:
+def main(inputs: str, output: str, checkpoint: str, result_json: str) -> None:
     loopback_only()
+    # Only the CPUs the run needs (one actor per node, decode beside the head's): on 2 real
+    # cores every extra declared CPU starts another decode worker, ~5 s of CPU each. The head
+    # declares a node dead after ~1.5 s of missed health checks instead of Ray's default of
+    # many seconds: the test measures recovery, not the failure detector's patience.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 3, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+        "num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                           "health_check_failure_threshold": 3}})
+    worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     try:
@@ -48,12 +55,16 @@ def main(inputs: str, output: str, checkpoint: str) -> None:
             time.sleep(0.02)
         removed_mid_run = thread.is_alive()
         nodes_before = len([n for n in ray.nodes() if n["Alive"]])
+        actors_on_removed_node = sum(
+            1 for a in ray._private.state.state.actor_table(None, actor_state_name="ALIVE").values()
+            if "Predictor" in a["ActorClassName"] and a["Address"]["NodeID"] == worker.node_id)
         cluster.remove_node(worker, allow_graceful=False)
         thread.join(timeout=600)
         result = outcome.get("result")
         frame = result.to_pandas() if result else None
-        print(json.dumps({
+        Path(result_json).write_text(json.dumps({
             "error": outcome.get("error"), "removed_mid_run": removed_mid_run, "nodes_before": nodes_before,
+            "actors_on_removed_node": actors_on_removed_node,
             "nodes_after": len([n for n in ray.nodes() if n["Alive"]]),
             "rows": None if frame is None else len(frame),
             "unique_ids": None if frame is None else int(frame["id"].nunique()),
