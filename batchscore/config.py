@@ -67,6 +67,10 @@ class ScoreConfig:
         decode_cpus: CPUs per read/decode task. Must differ from the actor's CPUs so Ray
             does not fuse decode into the model actor.
         decode_batch_size: Images per read/decode task call.
+        decoded_queue_mb: MiB of decoded images Ray may hold in its object store for each
+            inference actor (the run's object store bound is this times the largest pool).
+            Decode runs ahead of the model only this far, so memory stays flat however
+            many images a run has.
         decode_nice: Niceness (0-19) of the threads that decode, on Linux: where decode
             shares cores with the model, the model's threads are served first and decode
             fills the gaps. 0 = normal priority.
@@ -104,6 +108,7 @@ class ScoreConfig:
     decode_cpus: float = 0.5
     decode_batch_size: int = 32
     decode_nice: int = 10
+    decoded_queue_mb: int = 128
     max_image_pixels: int = 89_478_485
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     rows_per_file: int = 100_000
@@ -190,6 +195,7 @@ class ScoreConfig:
         need(self.cpus_per_actor is None or self.cpus_per_actor > 0,
              f"cpus_per_actor: expected a number > 0, got {self.cpus_per_actor}")
         need(self.decode_cpus > 0, f"decode_cpus: expected a number > 0, got {self.decode_cpus}")
+        need(self.decoded_queue_mb >= 16, f"decoded_queue_mb: expected at least 16 (MiB), got {self.decoded_queue_mb}")
         need(0 <= self.decode_nice <= 19, f"decode_nice: expected a niceness from 0 to 19, got {self.decode_nice}")
         need(self.max_image_pixels >= 1, f"max_image_pixels: expected a positive number, got {self.max_image_pixels}")
         need(self.rows_per_file >= 1, f"rows_per_file: expected a positive number, got {self.rows_per_file}")

@@ -62,6 +62,12 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[li
         num_gpus=resources.gpus,
         runtime_env=resources.runtime_env() or None,
     )
+    # A bounded object store: without it Ray Data lets decode run ahead into half the store
+    # (GBs), and with a slow model a run's memory grew with its image count (ViT-B/16 on
+    # 2 cores: +600 MiB PSS from 300 to 3,000 images, docs/benchmarks.md).
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(
+        object_store_memory=config.decoded_queue_mb * 2**20 * config.actors[1])
     return ds
 
 

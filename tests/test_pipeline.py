@@ -161,6 +161,22 @@ def test_each_actor_call_gets_one_read_block_of_one_batch(ray_session):
     assert sorted(set(bundled.to_pandas()["n"])) == [6, 32]
 
 
+def test_object_store_is_bounded_per_actor(ray_session, checkpoints, photos, tmp_path):
+    """Decode may run ahead of the model only by decoded_queue_mb per actor: the run's own
+    Ray Data context carries the bound; the process-wide context is left alone."""
+    config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]),
+                         decoded_queue_mb=48, actors=(1, 3), cpus_per_actor=0.4)
+    entries = listing.list_inputs(config)
+    ds = pipeline.build_dataset(config, models.resolve(config.model), entries)
+    assert ds.context.execution_options.resource_limits.object_store_memory == 48 * 2**20 * 3
+    assert ray_session.data.DataContext.get_current().execution_options.resource_limits.object_store_memory != 48 * 2**20 * 3
+    # A bound this tight still scores every image (Ray Data always lets one task per stage run).
+    tight = ScoreConfig(input=(str(photos),), output=str(tmp_path / "out"), model=str(checkpoints["vit"]),
+                        decoded_queue_mb=16)
+    result = pipeline.score(tight)
+    assert result.rows == len(entries) and result.status == "committed"
+
+
 def test_equal_decode_and_actor_cpus_are_refused(ray_session):
     with pytest.raises(ConfigError, match="must differ from decode_cpus"):
         runtime.actor_resources(ScoreConfig(cpus_per_actor=0.5, decode_cpus=0.5))
