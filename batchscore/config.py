@@ -67,10 +67,11 @@ class ScoreConfig:
         decode_cpus: CPUs per read/decode task. Must differ from the actor's CPUs so Ray
             does not fuse decode into the model actor.
         decode_batch_size: Images per read/decode task call.
-        decoded_queue_mb: MiB of decoded images Ray may hold in its object store for each
-            inference actor (the run's object store bound is this times the largest pool).
-            Decode runs ahead of the model only this far, so memory stays flat however
-            many images a run has.
+        decoded_queue_mb: MiB of Ray's object store the run may use for each inference
+            actor (the run's bound is this times the largest pool): decoded images waiting
+            for the model, and results. Decode runs ahead of the model only this far, so
+            memory stays flat however many images a run has. 256 MiB holds ~1,700 images
+            at 224x224; a fast GPU actor may want more.
         decode_nice: Niceness (0-19) of the threads that decode, on Linux: where decode
             shares cores with the model, the model's threads are served first and decode
             fills the gaps. 0 = normal priority.
@@ -108,7 +109,7 @@ class ScoreConfig:
     decode_cpus: float = 0.5
     decode_batch_size: int = 32
     decode_nice: int = 10
-    decoded_queue_mb: int = 128
+    decoded_queue_mb: int = 256
     max_image_pixels: int = 89_478_485
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     rows_per_file: int = 100_000

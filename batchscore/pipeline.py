@@ -64,7 +64,8 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[li
     )
     # A bounded object store: without it Ray Data lets decode run ahead into half the store
     # (GBs), and with a slow model a run's memory grew with its image count (ViT-B/16 on
-    # 2 cores: +600 MiB PSS from 300 to 3,000 images, docs/benchmarks.md).
+    # 2 cores: +600 MiB PSS from 300 to 3,000 images, docs/benchmarks.md). Set on this
+    # dataset's own context: other datasets in the process keep theirs.
     limits = ds.context.execution_options.resource_limits
     ds.context.execution_options.resource_limits = limits.copy(
         object_store_memory=config.decoded_queue_mb * 2**20 * config.actors[1])

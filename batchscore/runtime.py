@@ -43,11 +43,20 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+# Ray kills a worker idle for 1 s once a node has more workers than CPUs, which Ray Data's own
+# actors already make it have. A decode task held back by the object store bound then finds
+# its worker gone, and each new worker costs ~5 s of CPU to start (ray, ray.data, pyarrow):
+# on 2 cores, ViT-B/16 fell from 8.0 to 5.4 images/s with 19 decode workers started in a
+# run instead of 2 (docs/benchmarks.md). Clusters get the same setting from cluster.yaml.
+IDLE_WORKER_SECONDS = 60
+
+
 def start_local_ray(**kwargs) -> None:
     """Starts a private single-node Ray on loopback (kwargs go to `ray.init`); never joins a
-    cluster found on the machine (`address="local"`)."""
+    cluster found on the machine (`address="local"`). Idle workers live IDLE_WORKER_SECONDS."""
     loopback_only()
-    ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    system = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_SECONDS * 1000, **kwargs.pop("_system_config", {})}
+    ray.init(address="local", _node_ip_address="127.0.0.1", _system_config=system, **kwargs)
 
 
 @dataclass(frozen=True)
