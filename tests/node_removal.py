@@ -25,20 +25,23 @@ from batchscore.runtime import loopback_only
 
 def main(inputs: str, output: str, checkpoint: str, result_json: str) -> None:
     loopback_only()
-    # Only the CPUs the run needs (one actor per node, decode beside the head's): on 2 real
-    # cores every extra declared CPU starts another decode worker, ~5 s of CPU each. The head
-    # declares a node dead after ~1.5 s of missed health checks instead of Ray's default of
-    # many seconds: the test measures recovery, not the failure detector's patience.
+    # The driver's head has no CPUs; two nodes of 2 CPUs each fit exactly one 1.5-CPU actor
+    # (and a 0.5-CPU decode task), so one actor is always on the node that is removed, and a
+    # replacement node (as an autoscaler would add) takes its restart. Few CPUs in all: on 2
+    # real cores every declared CPU can start another decode worker, ~5 s of CPU each. Nodes
+    # are declared dead after ~1.5 s of missed health checks instead of Ray's default of many
+    # seconds: the test measures recovery, not the failure detector's patience.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
         "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
                            "health_check_failure_threshold": 3}})
-    worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     try:
         config = ScoreConfig(input=(inputs,), output=output, model=checkpoint, dtype="fp32", top_k=3, batch_size=8,
-                             actors=(2, 2), cpus_per_actor=1.0, decode_cpus=0.5, decode_batch_size=8, rows_per_file=8)
+                             actors=(2, 2), cpus_per_actor=1.5, decode_cpus=0.5, decode_batch_size=8, rows_per_file=8)
         outcome: dict = {}
 
         def run() -> None:
@@ -59,6 +62,7 @@ def main(inputs: str, output: str, checkpoint: str, result_json: str) -> None:
             1 for a in ray._private.state.state.actor_table(None, actor_state_name="ALIVE").values()
             if "Predictor" in a["ActorClassName"] and a["Address"]["NodeID"] == worker.node_id)
         cluster.remove_node(worker, allow_graceful=False)
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
         thread.join(timeout=600)
         result = outcome.get("result")
         frame = result.to_pandas() if result else None
@@ -66,6 +70,7 @@ def main(inputs: str, output: str, checkpoint: str, result_json: str) -> None:
             "error": outcome.get("error"), "removed_mid_run": removed_mid_run, "nodes_before": nodes_before,
             "actors_on_removed_node": actors_on_removed_node,
             "nodes_after": len([n for n in ray.nodes() if n["Alive"]]),
+            "removed_node_dead": not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == worker.node_id),
             "rows": None if frame is None else len(frame),
             "unique_ids": None if frame is None else int(frame["id"].nunique()),
             "errors": None if frame is None else int(frame["error"].notna().sum()),

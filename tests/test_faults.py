@@ -95,7 +95,8 @@ def test_removed_worker_node_costs_nothing(inputs, checkpoints, tmp_path):
     got = json.loads(result.read_text())
     print(f"FIGURE node removal: {got}")
     assert got["error"] is None and got["removed_mid_run"] and got["actors_on_removed_node"] >= 1
-    assert got["nodes_before"] == 2 and got["nodes_after"] == 1
+    # Head, two scoring nodes; then head, the survivor and the replacement.
+    assert got["nodes_before"] == 3 and got["nodes_after"] == 3 and got["removed_node_dead"]
     assert got["rows"] == got["unique_ids"] == 240 and got["errors"] == 0
 
 
