@@ -46,7 +46,7 @@ def loopback_only() -> None:
 # Ray kills a worker idle for 1 s once a node has more workers than CPUs, which Ray Data's own
 # actors already make it have. A decode task held back by the object store bound then finds
 # its worker gone, and each new worker costs ~5 s of CPU to start (ray, ray.data, pyarrow):
-# on 2 cores, ViT-B/16 fell from 8.0 to 5.4 images/s with 19 decode workers started in a
+# on 2 cores, ViT-B/16 fell from 7.95 to 5.63 images/s with 19 decode workers started in a
 # run instead of 2 (docs/benchmarks.md). Clusters get the same setting from cluster.yaml.
 IDLE_WORKER_SECONDS = 60
 
