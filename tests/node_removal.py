@@ -1,5 +1,6 @@
-"""Helper for test_faults.py (run as its own process): a two-node Ray cluster on loopback
-(`ray.cluster_utils.Cluster`), a scoring run, and the worker node removed mid-run.
+"""Helper for test_faults.py (run as its own process): a Ray cluster on loopback
+(`ray.cluster_utils.Cluster`: a head and two scoring nodes), a scoring run, and the node of
+one inference actor removed mid-run, then replaced.
 
     python tests/node_removal.py INPUT_DIR OUTPUT_DIR CHECKPOINT RESULT_JSON
 

@@ -6,9 +6,10 @@ probability batchscore writes must be within 1e-3 of `transformers.pipeline(
 bf16 and fp16 (fp16 runs on the CPU here, slowly, so its code path is exercised). The gap to
 fp32 is printed too. fp32 for every model and bf16 for ViT run the whole pipeline on Ray;
 the other dtypes run the same decode and predict code in this process (the dtype only
-changes the predictor, and each pipeline run costs ~8 s of fixed start-up here). The checkpoints are sharpened so their outputs
-depend strongly on the pixels, and a negative control shows that a wrong preprocessing step
-breaks the 1e-3 bound, so passing means the preprocessing really matches.
+changes the predictor, and each pipeline run costs ~8 s of fixed start-up here). The
+checkpoints are sharpened so their outputs depend strongly on the pixels, and a negative
+control shows that a wrong preprocessing step breaks the 1e-3 bound, so passing means the
+preprocessing really matches.
 """
 
 from __future__ import annotations
@@ -92,14 +93,15 @@ END_TO_END = {("vit", "fp32"), ("deit", "fp32"), ("beit", "fp32"), ("vit", "bf16
 @pytest.mark.parametrize("kind", ["vit", "deit", "beit"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_matches_transformers_pipeline(request, tmp_path, photos, checkpoints, references, kind, dtype):
-    if (kind, dtype) in END_TO_END:
+    end_to_end = (kind, dtype) in END_TO_END
+    if end_to_end:
         request.getfixturevalue("ray_session")
         ours = scored(tmp_path, photos, checkpoints[kind], dtype)
     else:
         ours = scored_in_process(photos, checkpoints[kind], dtype)
     diff = max_abs_diff(ours, references[kind, dtype])
     to_fp32 = max_abs_diff(ours, references[kind, "fp32"])
-    where = "pipeline" if (kind, dtype) in END_TO_END else "in process"
+    where = "pipeline" if end_to_end else "in process"
     print(f"FIGURE {kind} {dtype} ({where}): max |p - p_transformers({dtype})| = {diff:.2e} over {len(ours)} photos "
           f"(vs transformers fp32: {to_fp32:.2e})")
     assert diff <= TOLERANCE[dtype]
