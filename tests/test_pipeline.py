@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -127,6 +128,22 @@ def test_rerun_on_committed_output_is_a_noop_and_overwrite_replaces(ray_session,
 def test_local_ray_listens_on_loopback_only(ray_session):
     assert {n["NodeManagerAddress"] for n in ray_session.nodes()} == {"127.0.0.1"}
     assert ray_session.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+def test_local_ray_keeps_idle_workers_beyond_the_cpu_count(ray_session):
+    """More workers than CPUs, then idle: Ray's default kills the surplus after 1 s (this
+    test fails with IDLE_WORKER_SECONDS = 1), and a decode task held back by the object store
+    bound would then pay a new worker's start. The local Ray that batchscore starts keeps
+    them (runtime.IDLE_WORKER_SECONDS)."""
+    @ray_session.remote(num_cpus=0.5)
+    def worker_pid() -> int:
+        time.sleep(1.0)  # four at once on 2 CPUs: four workers
+        return os.getpid()
+
+    pids = set(ray_session.get([worker_pid.remote() for _ in range(4)]))
+    assert len(pids) == 4
+    time.sleep(3.0)
+    assert all(Path(f"/proc/{pid}").exists() for pid in pids), "idle workers were killed"
 
 
 def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, photos, monkeypatch):
