@@ -25,7 +25,8 @@ from batchscore.runtime import loopback_only
 
 
 def predictors() -> list[str]:
-    """The node ids of the live Predictor actors."""
+    """The node ids of the live Predictor actors (from Ray's private state table: the public
+    `ray.util.state` API is served by the dashboard, which this cluster does not start)."""
     return [a["Address"]["NodeID"] for a in ray._private.state.state.actor_table(None, actor_state_name="ALIVE").values()
             if "Predictor" in a["ActorClassName"]]
 
