@@ -17,9 +17,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from batchscore import formats as _formats
+
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet", "manifest", "azureml")
 RESERVED_COLUMNS = ("id", "source", "labels", "probs", "error", "error_code", "model", "run_id")
 
@@ -75,9 +76,16 @@ class ScoreConfig:
         decode_nice: Niceness (0-19) of the threads that decode, on Linux: where decode
             shares cores with the model, the model's threads are served first and decode
             fills the gaps. 0 = normal priority.
-        max_image_pixels: Decompression-bomb guard: images declaring more pixels are refused.
+        max_image_pixels: Decompression-bomb guard: images declaring more pixels are refused
+            before any pixel is decoded. The default is the limit where Pillow itself
+            refuses (twice its `MAX_IMAGE_PIXELS` warning threshold): 178,956,970 pixels,
+            which takes a 100-megapixel camera frame.
+        formats: The image formats decoded (Pillow names, see `batchscore.formats.FORMATS`);
+            anything else is a `decode.unsupported_format` row. The default takes JPEG,
+            MPO, PNG, WebP, GIF, BMP, TIFF, AVIF and HEIF; PPM, TGA, ICO and JPEG2000 are
+            known but must be asked for.
         extensions: File endings of images kept when an input is a directory of images
-            (globs and files are taken as given).
+            (globs and files are taken as given); None = the endings of `formats`.
         rows_per_file: Rows per output Parquet part file.
         part_seconds: Close the current part file after this many seconds even when it is
             not full: a run that dies loses at most about this much work to `resume`.
@@ -110,8 +118,9 @@ class ScoreConfig:
     decode_batch_size: int = 32
     decode_nice: int = 10
     decoded_queue_mb: int = 256
-    max_image_pixels: int = 89_478_485
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    max_image_pixels: int = 178_956_970
+    formats: tuple[str, ...] = _formats.DEFAULT_FORMATS
+    extensions: tuple[str, ...] | None = None
     rows_per_file: int = 100_000
     part_seconds: float = 300.0
     overwrite: bool = False
@@ -202,8 +211,17 @@ class ScoreConfig:
         need(self.rows_per_file >= 1, f"rows_per_file: expected a positive number, got {self.rows_per_file}")
         need(self.part_seconds > 0, f"part_seconds: expected a number > 0, got {self.part_seconds}")
         need(self.progress_seconds > 0, f"progress_seconds: expected a number > 0, got {self.progress_seconds}")
-        need(all(e.startswith(".") for e in self.extensions),
-             f"extensions: expected endings that start with '.', got {list(self.extensions)}")
+        unknown = [f for f in self.formats if f not in _formats.FORMATS]
+        need(not unknown, f"formats: unknown format(s) {unknown}; expected names from {list(_formats.FORMATS)}")
+        need(bool(self.formats), "formats: expected at least one image format, got none")
+        need(self.extensions is None or all(e.startswith(".") for e in self.extensions),
+             f"extensions: expected endings that start with '.', got {list(self.extensions or ())}")
+
+    def image_endings(self) -> frozenset[str]:
+        """File endings (lower case) that make a listed file an image: `extensions`, or those of `formats`."""
+        if self.extensions is not None:
+            return frozenset(e.lower() for e in self.extensions)
+        return _formats.endings(self.formats)
 
     def require_io(self) -> None:
         """Raises unless `input` and `output` are set (they may come from flags, not YAML)."""
@@ -243,7 +261,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if origin is tuple:
         if name == "actors" and isinstance(value, int) and not isinstance(value, bool):
             value = (value, value)
-        if isinstance(value, str) and name in ("input", "extensions", "passthrough"):
+        if isinstance(value, str) and name in ("input", "extensions", "passthrough", "formats"):
             value = (value,)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {type(value).__name__} {value!r}")

@@ -1,19 +1,28 @@
 """Decode: image bytes → uint8 [3, H, W] at the model's input size, or an error string.
 
-A plain function run in CPU tasks. Pillow opens the bytes with a format allowlist and its
-decompression-bomb guard on; JPEGs much larger than the target are decoded at a reduced DCT
-scale (`Image.draft`), never below `DRAFT_MARGIN` times the target size; EXIF orientation is
-applied; every mode becomes 8-bit RGB (16-bit images are scaled, not clipped). Resize and
-centre crop then follow the checkpoint's preprocessing exactly as transformers' default
-(torchvision) image processors do them: `torchvision.transforms.v2.functional.resize` with
-antialias on uint8, and the same crop offsets. Normalisation is left to the device that runs
-the model, so four times less data crosses the object store than with float32.
+A plain function run in CPU tasks. Pillow opens the bytes with a format allowlist
+(`formats`, names from `batchscore.formats`) and a decompression-bomb guard on the header;
+JPEGs much larger than the target are decoded at a reduced DCT scale (`Image.draft`), never
+below `DRAFT_MARGIN` times the target size; EXIF orientation is applied; every mode becomes
+8-bit RGB (16-bit samples are scaled by the bit depth their values use, see `to_rgb`).
+Resize and centre crop then follow the checkpoint's preprocessing exactly as transformers'
+default (torchvision) image processors do them: `torchvision.transforms.v2.functional.resize`
+with antialias on uint8, and the same crop offsets. Normalisation is left to the device that
+runs the model, so four times less data crosses the object store than with float32.
+
+Errors are the file's or ours. Whatever Pillow raises while it parses or decodes the bytes is
+the file's: `decode.truncated`, `decode.corrupt`, `decode.no_pixels`, `decode.bomb`,
+`decode.unsupported_format` or `decode.unsupported_codec`, with Pillow's reason. Only a
+failure in batchscore's own steps after that (mode conversion, resize, crop) is
+`decode.internal`, and it is logged with its traceback.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import io
+import logging
 import os
 import sys
 import threading
@@ -22,15 +31,32 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from batchscore import formats as _formats
 from batchscore.errors import error as _error
 from batchscore.models import PreprocessSpec
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+log = logging.getLogger(__name__)
+
 # Only decode a JPEG at a reduced DCT scale when the result keeps at least this many times the
 # target's largest side. Measured on a 2822x2822 photo mosaic (docs/architecture.md): margin 2
 # moved pixels by up to 36 levels and probabilities by 5e-3; margin 4 by 2 levels (mean 0.1)
 # and 7e-4, inside the 1e-3 bound against transformers.
 DRAFT_MARGIN = 4
+# A side this long is a negative number read as unsigned (a damaged header), not a bomb.
+_IMPOSSIBLE_SIDE = 2**31
+
+
+def _register_plugins() -> None:
+    """HEIF/HEIC through the pillow-heif plugin (AVIF is built into Pillow >= 11.2)."""
+    try:
+        import pillow_heif
+    except ImportError:  # then HEIF files are refused as unsupported, saying why
+        return
+    pillow_heif.register_heif_opener()
+
+
+_register_plugins()
+Image.init()
 
 
 class DecodeError(Exception):
@@ -42,7 +68,7 @@ class DecodeError(Exception):
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, spec: PreprocessSpec, max_image_pixels: int,
-                 nice: int = 0) -> dict[str, np.ndarray]:
+                 formats: tuple[str, ...] = _formats.DEFAULT_FORMATS, nice: int = 0) -> dict[str, np.ndarray]:
     """Decodes `data` into `pixels`; rows that fail keep zero pixels and get an `error`.
 
     Args:
@@ -50,6 +76,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: PreprocessSpec, max_imag
             (carried through untouched).
         spec: The checkpoint's preprocessing.
         max_image_pixels: Images declaring more pixels are refused before any pixel is decoded.
+        formats: The allowed image formats (names from `batchscore.formats.FORMATS`).
         nice: Run the decoding in a thread of this niceness (Linux), so that where decode and
             the model share cores the model's threads are served first; 0 = this thread.
 
@@ -57,8 +84,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: PreprocessSpec, max_imag
         Columns `id`, `pixels` (uint8 [N, 3, H, W]), `error` and `meta`.
     """
     if nice and sys.platform == "linux":
-        return _niced(nice).submit(_decode_rows, batch, spec, max_image_pixels).result()
-    return _decode_rows(batch, spec, max_image_pixels)
+        return _niced(nice).submit(_decode_rows, batch, spec, max_image_pixels, formats).result()
+    return _decode_rows(batch, spec, max_image_pixels, formats)
 
 
 _NICED: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
@@ -84,7 +111,8 @@ def _renice(nice: int) -> None:
         pass
 
 
-def _decode_rows(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_image_pixels: int) -> dict[str, np.ndarray]:
+def _decode_rows(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_image_pixels: int,
+                 formats: tuple[str, ...]) -> dict[str, np.ndarray]:
     h, w = spec.output_hw
     n = len(batch["id"])
     pixels = np.zeros((n, 3, h, w), dtype=np.uint8)
@@ -93,80 +121,184 @@ def _decode_rows(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_image_p
         if errors[i]:
             continue
         try:
-            pixels[i] = decode_one(data, spec, max_image_pixels)
+            pixels[i] = decode_one(data, spec, max_image_pixels, formats)
         except DecodeError as e:
             errors[i] = _error(e.code, str(e))
-        except Exception as e:  # noqa: BLE001 - an unforeseen failure still costs one row only
+        except Exception as e:  # noqa: BLE001 - a bug of ours still costs one row only
+            log.exception("decode.internal on %s (a bug in batchscore: please report it)", batch["id"][i])
             errors[i] = _error("decode.internal", f"{type(e).__name__}: {e}")
     return {"id": batch["id"], "pixels": pixels, "error": np.array(errors, dtype=object), "meta": batch["meta"]}
 
 
-def decode_one(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> np.ndarray:
-    """Decodes one image to uint8 [3, H, W]; raises `DecodeError` with a short reason."""
+def decode_one(data: bytes, spec: PreprocessSpec, max_image_pixels: int,
+               formats: tuple[str, ...] = _formats.DEFAULT_FORMATS) -> np.ndarray:
+    """Decodes one image to uint8 [3, H, W].
+
+    Raises:
+        DecodeError: The bytes are not an image this run accepts (`code` says why, see
+            `batchscore.errors`). Any other exception is a bug in batchscore.
+    """
     if not data:
         raise DecodeError("decode.empty", "empty file")
-    image = open_image(data, max_image_pixels)
-    if image.format == "JPEG":
+    image = open_image(data, max_image_pixels, formats)
+    if image.format in ("JPEG", "MPO"):
         image.draft(image.mode, _draft_size(image.size, spec))
+    load(image)
+    return resize_and_crop(to_rgb(ImageOps.exif_transpose(image)), spec)
+
+
+def open_image(data: bytes, max_image_pixels: int,
+               formats: tuple[str, ...] = _formats.DEFAULT_FORMATS) -> Image.Image:
+    """Opens (parses the header of, but does not decode) an allowed image within the pixel budget.
+
+    The size check is ours, made on the header before any pixel is allocated; Pillow's own
+    guard is then armed at the same limit for decoding (it also checks GIF frame extents).
+
+    Raises:
+        DecodeError: not an allowed format (`decode.unsupported_format`), a damaged header
+            of an allowed one (`decode.corrupt`, `decode.truncated`), no pixels
+            (`decode.no_pixels`) or too many (`decode.bomb`).
+    """
+    # MPO files are opened by Pillow's JPEG plugin, which turns them into MPO itself.
+    pillow_formats = [f for f in formats if f != "MPO"]
+    if "MPO" in formats and "JPEG" not in pillow_formats:
+        pillow_formats.append("JPEG")
+    Image.MAX_IMAGE_PIXELS = None  # header only: our check below gives the clearer message
+    try:
+        image = Image.open(io.BytesIO(data), formats=pillow_formats)
+    except UnidentifiedImageError:
+        raise _unidentified(data, pillow_formats) from None
+    except Exception as e:  # noqa: BLE001 - a header cut short or damaged (Pillow raises many kinds)
+        raise _damaged(e) from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+    if image.format not in formats:  # an MPO when only JPEG is allowed
+        raise DecodeError("decode.unsupported_format",
+                          f"{image.format} image, not an allowed format ({', '.join(formats)})")
+    w, h = image.size
+    if w >= _IMPOSSIBLE_SIDE or h >= _IMPOSSIBLE_SIDE:
+        raise DecodeError("decode.corrupt", f"{image.format} header declares an impossible size {w}x{h} "
+                                            "(a negative side read as unsigned)")
+    if w < 1 or h < 1:
+        raise DecodeError("decode.no_pixels", f"image has no pixels ({w}x{h})")
+    if w * h > max_image_pixels:
+        raise DecodeError("decode.bomb", f"decompression bomb refused: {w}x{h} pixels exceeds max_image_pixels={max_image_pixels}")
+    return image
+
+
+def load(image: Image.Image) -> None:
+    """Decodes an opened image's pixels; whatever Pillow raises here is the file's fault.
+
+    Raises:
+        DecodeError: `decode.bomb` (a frame larger than the limit), `decode.unsupported_codec`
+            (a compression this Pillow build lacks), `decode.truncated` or `decode.corrupt`.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError("decode.bomb", f"decompression bomb refused: {e}") from None
-    except OSError as e:  # e.g. "image file is truncated (3 bytes not processed)"
-        raise _damaged(e) from e
-    image = ImageOps.exif_transpose(image)
-    return resize_and_crop(to_rgb(image), spec)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, ValueError, struct.error, ...
+        raise _damaged(e, image) from e
 
 
-def open_image(data: bytes, max_image_pixels: int) -> Image.Image:
-    """Opens (parses the header of, but does not decode) an allowed image within the pixel budget.
+def _unidentified(data: bytes, pillow_formats: list[str]) -> DecodeError:
+    """Bytes no allowed plugin took: damaged if they carry an allowed format's signature
+    (Pillow's own `accept` test), else unsupported. The damaged case gets the plugin's reason."""
+    for fmt in pillow_formats:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and accept(data[:16]) is True:
+            return _diagnose(fmt, factory, data)
+    return DecodeError(
+        "decode.unsupported_format",
+        f"not an image in an allowed format ({', '.join(pillow_formats)}); starts with {data[:8]!r}")
 
-    The size check is ours, made on the header before any pixel is allocated; Pillow's own
-    guard is then armed at the same limit for decoding (it also checks GIF frame extents).
-    """
-    Image.MAX_IMAGE_PIXELS = None  # header only: our check below gives the clearer message
+
+def _diagnose(fmt: str, factory, data: bytes) -> DecodeError:
+    """Re-opens `data` with the one plugin whose signature it carries, to say what is wrong."""
+    seen: dict[str, tuple[int, int]] = {}
+    if isinstance(factory, type):
+        class _Probe(factory):  # records the size the header declares before Pillow rejects it
+            def _open(self):
+                super()._open()
+                seen["size"] = self.size
+        factory = _Probe
     try:
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError:
-        raise DecodeError(
-            "decode.unsupported_format",
-            f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)}); "
-            f"starts with {data[:8]!r}"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as e:  # a header cut short or damaged (Pillow raises all three)
-        raise _damaged(e) from e
-    finally:
-        Image.MAX_IMAGE_PIXELS = max_image_pixels
-    w, h = image.size
-    if w * h > max_image_pixels:
-        raise DecodeError("decode.bomb", f"decompression bomb refused: {w}x{h} pixels exceeds max_image_pixels={max_image_pixels}")
-    if w < 1 or h < 1:
-        raise DecodeError("decode.no_pixels", f"image has no pixels ({w}x{h})")
-    return image
+        factory(io.BytesIO(data), None)
+    except Exception as e:  # noqa: BLE001 - the reason is what we are after
+        if "size" in seen and min(seen["size"]) <= 0:
+            return DecodeError("decode.no_pixels", f"{fmt} image has no pixels ({seen['size'][0]}x{seen['size'][1]})")
+        return _damaged(e, fmt=fmt)
+    return DecodeError("decode.corrupt", f"{fmt} signature, but Pillow could not identify the image")
 
 
-def _damaged(e: Exception) -> DecodeError:
-    """Pillow's errors for damaged data: truncated when it says so, else corrupt."""
-    reason = f"{type(e).__name__}: {e}" if type(e) is not OSError else str(e)
-    return DecodeError("decode.truncated" if "truncated" in str(e).lower() else "decode.corrupt", reason)
+def _damaged(e: Exception, image: Image.Image | None = None, fmt: str | None = None) -> DecodeError:
+    """Pillow's errors for damaged data: truncated when it says so, a missing codec when it
+    says so, else corrupt. The reason gives Pillow's words (after the format, when the
+    format had to be found from the signature)."""
+    text = str(e).strip().replace("\n", " ")
+    reason = f"{fmt + ': ' if fmt else ''}{type(e).__name__ + ': ' if type(e) is not OSError else ''}{text}"
+    lowered = text.lower()
+    if "decoder" in lowered and "not available" in lowered:  # Pillow lacks a decoder it names
+        fmt = fmt or (image.format if image is not None else "image")
+        return DecodeError("decode.unsupported_codec", f"{fmt}: this Pillow build cannot decode it ({text})")
+    compression = image.info.get("compression") if image is not None and image.format == "TIFF" else None
+    if compression and not _tiff_codec_available(compression):
+        return DecodeError("decode.unsupported_codec",
+                           f"TIFF compression {compression!r} is not supported by this Pillow build's libtiff ({text})")
+    ended = "truncated" in lowered or isinstance(e, EOFError) or "requires a buffer of at least" in lowered
+    return DecodeError("decode.truncated" if ended else "decode.corrupt", reason)
+
+
+@functools.cache
+def _tiff_codec_available(compression: str) -> bool:
+    """Whether this Pillow's libtiff has the codec `compression` (a Pillow compression name).
+
+    libtiff reports a missing codec only on stderr ("WEBP compression support is not
+    configured"); Pillow's exception says "decoder error -2" either way. libtiff builds its
+    encoders and decoders together, so encoding one pixel tells.
+    """
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), "TIFF", compression=compression)
+    except Exception:  # noqa: BLE001 - any refusal means the codec is not there
+        return False
+    return True
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode → 8-bit RGB. 16/32-bit greyscale is scaled to 8 bits, not clipped."""
+    """Any Pillow mode → 8-bit RGB.
+
+    Integer samples wider than 8 bits (16-bit greyscale PNG and TIFF, Pillow modes I;16* and
+    I) are scaled by the bit depth their values use: the smallest even depth from 8 bits up
+    that holds the largest sample. A 16-bit ramp (0-65535) is divided by 257, a 12-bit scan
+    in 16-bit words (0-4095) by 4095/255, and a 16-bit file holding 0-255 is kept as is (as
+    transformers, which clips to 255, also does). A plain `>> 8` would turn the last two black,
+    clipping would turn the first two white. Float images (mode F) are clipped to 0-255.
+    """
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I") or image.mode == "F":
         arr = np.asarray(image)
         if image.mode == "F":
             arr8 = np.clip(arr, 0, 255).astype(np.uint8)
-        else:  # I;16*, or I holding 16-bit samples (e.g. 16-bit PNG)
-            arr8 = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        else:
+            arr8 = scale_to_8bit(arr)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+def scale_to_8bit(samples: np.ndarray) -> np.ndarray:
+    """Integer samples → uint8 by the bit depth they use (see `to_rgb`); negatives clip to 0."""
+    arr = np.clip(samples.astype(np.int64), 0, None)
+    bits = max(8, int(arr.max()).bit_length()) if arr.size else 8
+    bits += bits % 2
+    top = (1 << bits) - 1
+    return np.rint(arr * (255.0 / top)).astype(np.uint8)
 
 
 def resize_and_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -210,7 +342,14 @@ def _center_crop(t, crop: tuple[int, int]):
 
 
 def _draft_size(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
-    """The smallest size a JPEG may be DCT-downscaled to: DRAFT_MARGIN × the largest target side."""
+    """The smallest size a JPEG may be DCT-downscaled to: DRAFT_MARGIN × the largest target
+    side, and never below a quarter of the image's own size.
+
+    libjpeg's 1/8 scale keeps only each block's DC coefficient (an 8×8 box average), and that
+    step alone moved probabilities past 1e-3 on a detailed 100-megapixel frame (1.3e-3; the
+    1/4 scale: 4.1e-4, docs/architecture.md). A quarter of 11648×8736 is 2912×2184, 19 MB as
+    RGB instead of 305 MB at full size.
+    """
     if spec.size:
         side = max(spec.size)
     else:
@@ -218,4 +357,4 @@ def _draft_size(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
         side = max(resize_target((h, w), spec))
     if spec.crop:
         side = max(side, *spec.crop)
-    return (DRAFT_MARGIN * side, DRAFT_MARGIN * side)
+    return (max(DRAFT_MARGIN * side, size[0] // 4), max(DRAFT_MARGIN * side, size[1] // 4))

@@ -15,15 +15,20 @@ CODES: dict[str, str] = {
     "read.bad_container": "a tar shard, Parquet file or Azure ML request file could not be read (the rest of it)",
     "read.no_image": "a container row with no image: empty image column, tar sample without an image member, "
                      "an Azure ML item that is neither base64 nor a URL",
-    "read.bad_id": "a Parquet row whose id column is null",
+    "read.bad_id": "a Parquet row whose id column is null; a tar member name repeated in its shard, or a second "
+                   "passthrough member of one sample",
     # decode: the bytes are not an image we accept
     "decode.empty": "zero bytes",
-    "decode.unsupported_format": "not an image in an allowed format (HTML, PSD, EPS, FITS, random bytes, ...)",
+    "decode.unsupported_format": "not an image in an allowed format (`formats`): HTML, PSD, EPS, FITS, random bytes, ...",
+    "decode.unsupported_codec": "an allowed format using a compression this Pillow build cannot decode "
+                                "(e.g. WebP-compressed TIFF); the reason names it",
     "decode.bomb": "declares more pixels than `max_image_pixels` (refused before any pixel is decoded)",
     "decode.truncated": "the image data ends early",
-    "decode.corrupt": "the image data is damaged in another way",
+    "decode.corrupt": "the image data is damaged in another way (bad checksum, bad header, bad frame sequence, "
+                      "impossible size, ...); the reason gives the decoder's words",
     "decode.no_pixels": "zero width or height",
-    "decode.internal": "an unforeseen failure decoding this one image (a bug to report)",
+    "decode.internal": "a failure in batchscore's own steps after the image decoded (a bug to report; "
+                       "logged with its traceback)",
     "internal": "an error text without a known code (a bug to report)",
 }
 

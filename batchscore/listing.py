@@ -26,6 +26,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from batchscore import formats
 from batchscore import fs as fsutil
 from batchscore.config import ScoreConfig
 
@@ -147,16 +148,12 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/") if part)
 
 
-def _ending(uri: str) -> str:
-    name = uri.rsplit("/", 1)[-1].lower()
-    if name.endswith(".tar.gz"):
-        return ".tar.gz"
-    return "." + name.rsplit(".", 1)[-1] if "." in name else ""
+_ending = formats.ending
 
 
 def _endings(fmt: str, config: ScoreConfig) -> set[str]:
     if fmt == "files":
-        return {e.lower() for e in config.extensions}
+        return set(config.image_endings())
     if fmt == "manifest":
         return set(ENDINGS["manifest"]) | set(ENDINGS["parquet"])
     return set(ENDINGS[fmt])

@@ -46,7 +46,8 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[li
                         batch_size=config.decode_batch_size if entries[0].kind == "file" else 1)
     ds = ds.map_batches(
         decode.decode_batch,
-        fn_kwargs={"spec": model.preprocess, "max_image_pixels": config.max_image_pixels, "nice": config.decode_nice},
+        fn_kwargs={"spec": model.preprocess, "max_image_pixels": config.max_image_pixels, "formats": config.formats,
+                   "nice": config.decode_nice},
         batch_size=config.decode_batch_size,
         num_cpus=config.decode_cpus,
     )

@@ -37,12 +37,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from batchscore import formats
 from batchscore import fs as fsutil
 from batchscore.errors import error as _error
 from batchscore.listing import Entry
 
 RETRY_BASE_SECONDS = 0.5
-IMAGE_ENDINGS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _URL_PREFIXES = ("http://", "https://", "gs://", "s3://", "file://")
 
@@ -193,7 +193,7 @@ def _sample(uri: str, key: str, members: dict, options: ReadOptions) -> tuple[st
     passthrough = {c: members[c][1].decode("utf-8", "replace") if c in members else None
                    for c in options.passthrough}
     for ext, (name, data) in members.items():
-        if ext.rsplit(".", 1)[-1] in IMAGE_ENDINGS:
+        if "." + ext.rsplit(".", 1)[-1] in formats.IMAGE_ENDINGS:
             return f"{uri}#{name}", data, "", passthrough
     found = ", ".join("." + e for e in members)
     return f"{uri}#{key}", b"", _error("read.no_image", f"sample has no image member (members: {found})"), passthrough

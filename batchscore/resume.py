@@ -32,7 +32,7 @@ log = logging.getLogger("batchscore")
 # Settings that change which rows a run writes or what is in them. Runs that differ in
 # these cannot share part files; the rest (resources, batch sizes, progress) may change.
 RESULT_SETTINGS = ("input", "input_format", "image_column", "id_column", "uri_column", "passthrough", "model",
-                   "allow_pickle", "top_k", "dtype", "max_image_pixels", "extensions")
+                   "allow_pickle", "top_k", "dtype", "max_image_pixels", "extensions", "formats")
 
 
 class ResumeError(RuntimeError):

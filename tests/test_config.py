@@ -100,7 +100,8 @@ def test_job_schema_matches_the_dataclass():
             assert _schema_types(prop) == {"array"}, name
         elif origin in (typing.Union, __import__("types").UnionType):
             inner = [a for a in args if a is not type(None)][0]
-            assert _schema_types(prop) == _JSON_TYPES[inner] | {"null"}, name
+            inner_types = {"array"} if typing.get_origin(inner) is tuple else _JSON_TYPES[inner]
+            assert _schema_types(prop) == inner_types | {"null"}, name
         else:
             assert _schema_types(prop) == _JSON_TYPES[hint], name
 

@@ -73,10 +73,11 @@ def test_webdataset_tar_shards_on_gcs(ray_session, tmp_path, images, checkpoints
     assert rows[f"{s0}#s/000.jpg"]["error"] is None and rows[f"{s0}#s/000.jpg"]["cls"] == "7"
     assert rows[f"{s0}#s/001.png"]["cls"] == "3" and len(rows[f"{s0}#s/001.png"]["labels"]) == 2
     assert rows[f"{s0}#s/002"]["error"] == "read.no_image: sample has no image member (members: .txt)"
-    assert rows[f"{s0}#s/003.jpg"]["error"].startswith("decode.unsupported_format: ") and rows[f"{s0}#s/003.jpg"]["cls"] == "1"
+    # JPEG's signature, then junk: a damaged JPEG, not an unsupported format
+    assert rows[f"{s0}#s/003.jpg"]["error"].startswith("decode.corrupt: JPEG") and rows[f"{s0}#s/003.jpg"]["cls"] == "1"
     assert rows[f"{s1}#004.webp.png"]["error"] is None and rows[f"{s1}#004.webp.png"]["cls"] is None
     assert rows[s2]["error"].startswith("read.bad_container: tar shard unreadable after 1 samples")
-    assert result.errors == 3 and result.errors_by_code == {"read.no_image": 1, "read.bad_container": 1, "decode.unsupported_format": 1}
+    assert result.errors == 3 and result.errors_by_code == {"read.no_image": 1, "read.bad_container": 1, "decode.corrupt": 1}
 
 
 def test_parquet_with_image_bytes_on_s3(ray_session, tmp_path, images, checkpoints):
