@@ -9,9 +9,13 @@ kind, chosen by `input_format` or detected from the file endings:
           else .csv/.jsonl manifests, else .parquet (image bytes if it has `image_column`,
           a manifest if it has `uri_column`).
 
-Directories are listed recursively, and on object stores one level of sub-prefixes is
-listed in parallel. Files that do not belong to the chosen format are counted and logged,
-never dropped silently. The result is sorted, so the same inputs give the same listing.
+A path that exists as written is that path, even with `[`, `?` or `*` in its name; only a
+path that does not exist is expanded as a glob. Directories are listed recursively, and on
+object stores one level of sub-prefixes is listed in parallel; under them, hidden files (a
+path part starting with '.') and batchscore's own output files (`MARKERS`, by name) are
+skipped and counted, and a folder with nothing else is an error. Files that do not belong to
+the chosen format are counted and logged, never dropped silently. Manifest rows are URIs
+read as written. The result is sorted, so the same inputs give the same listing.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ from dataclasses import dataclass, field
 
 from batchscore import formats
 from batchscore import fs as fsutil
+from batchscore import sink
 from batchscore.config import ScoreConfig
 
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
+# batchscore's own files and folders in an output (sink): never inputs, wherever a listed
+# folder holds them. Skipped by these names; any other name starting with '_' is ordinary.
+MARKERS = frozenset({sink.SUCCESS, sink.MANIFEST, sink.MANIFESTS, sink.STAGING})
 _LIST_THREADS = 16
 ENDINGS = {
     "tar": (".tar", ".tgz", ".tar.gz"),
@@ -104,48 +112,107 @@ def listing_hash(entries: list[Entry]) -> str:
 # -- files ------------------------------------------------------------------------------
 
 def _list_files(inputs: tuple[str, ...]) -> list[tuple[str, int | None]]:
-    """(uri, size) of every file the inputs name, de-duplicated and sorted."""
+    """(uri, size) of every file the inputs name, de-duplicated and sorted.
+
+    A path that exists as written is that path, whatever characters its name holds
+    (`photo[1].jpg`, `what?.jpg`, `dir[1]/`); only a path that does not exist is expanded as a
+    glob (write `[[]` for a literal `[` inside a glob). Under a folder or a glob's fixed part,
+    hidden files (a path part starting with '.') and batchscore's own markers (`MARKERS`, by
+    name) are skipped and counted; a named file is always taken.
+    """
     found: dict[str, int | None] = {}
-    hidden = 0
+    skipped: collections.Counter[str] = collections.Counter()
     for spec in inputs:
         fs, path = fsutil.resolve(spec)
-        if any(c in _GLOB_CHARS for c in path):
-            infos = [i for i in fs.glob(path, detail=True).values() if i["type"] == "file"]
-            if not infos:
-                raise ListingError(f"input {spec!r}: the glob matched no file")
-        elif fs.isdir(path):
-            infos = _find(fs, path)
-            root = path.rstrip("/")
-            shown = [i for i in infos if not _hidden(i["name"][len(root):])]
-            hidden += len(infos) - len(shown)
-            infos = shown
+        if fs.isdir(path):
+            kept, left = _visible(_find(fs, path), path.rstrip("/"))
+            skipped += left
+            if not kept:
+                raise ListingError(_empty_folder(spec, left))
+            log.info("input %r: a path as written: a folder of %d file(s)", spec, len(kept))
         elif fs.isfile(path):
-            infos = [fs.info(path)]
+            kept = [fs.info(path)]
+            log.info("input %r: a path as written: one file", spec)
+        elif any(c in _GLOB_CHARS for c in path):
+            kept, left = _visible([i for i in fs.glob(path, detail=True).values() if _is_file(i)], _glob_root(path))
+            skipped += left
+            if not kept:
+                raise ListingError(f"input {spec!r}: no such path, and the glob matched no file"
+                                   + (f" but {_not_read(left)}" if left else ""))
+            log.info("input %r: no such path, expanded as a glob: %d file(s)", spec, len(kept))
         else:
             raise ListingError(f"input {spec!r}: no such file or directory")
-        for info in infos:
+        for info in kept:
             found.setdefault(fsutil.full_uri(fs, info["name"]), info.get("size"))
-    if hidden:
-        log.warning("skipped %d hidden file(s) (a path part starting with '.' or '_') in input directories",
-                    hidden)
+    if skipped:
+        say = log.warning if skipped["hidden"] else log.info
+        say("skipped %s under the inputs", _not_read(skipped))
     return sorted(found.items())
 
 
 def _find(fs, path: str) -> list[dict]:
-    """Recursive listing; on object stores the first level of prefixes is listed in parallel."""
+    """Recursive listing; on object stores the first level of prefixes is listed in parallel.
+    Folder placeholder objects (`prefix/`, zero bytes) are folders, not files."""
     if fsutil.is_local(fs):
         return list(fs.find(path, detail=True).values())
     top = fs.ls(path, detail=True)
-    files = [i for i in top if i["type"] == "file"]
+    files = [i for i in top if _is_file(i)]
     dirs = [i["name"] for i in top if i["type"] == "directory"]
+    if path.rstrip("/") in (d.rstrip("/") for d in dirs):  # a placeholder listed as the folder itself
+        return [i for i in fs.find(path, detail=True).values() if _is_file(i)]
     with ThreadPoolExecutor(max_workers=_LIST_THREADS) as pool:
         for listed in pool.map(lambda d: fs.find(d, detail=True), dirs):
-            files.extend(listed.values())
+            files.extend(i for i in listed.values() if _is_file(i))
     return files
 
 
-def _hidden(relative: str) -> bool:
-    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+def _is_file(info: dict) -> bool:
+    return info["type"] == "file" and not info["name"].endswith("/")
+
+
+def _visible(infos: list[dict], root: str) -> tuple[list[dict], collections.Counter[str]]:
+    """The files under `root` that are neither hidden nor batchscore's markers, and how many
+    of each of those were left out."""
+    kept, left = [], collections.Counter()
+    for info in infos:
+        reason = _skip_reason(info["name"][len(root):] if info["name"].startswith(root) else info["name"])
+        if reason:
+            left[reason] += 1
+        else:
+            kept.append(info)
+    return kept, left
+
+
+def _skip_reason(relative: str) -> str | None:
+    """'hidden' (a path part starting with '.'), 'marker' (a part named like one of batchscore's
+    own files or folders) or None. Names starting with '_' are ordinary files."""
+    parts = [part for part in relative.split("/") if part]
+    if any(part.startswith(".") for part in parts):
+        return "hidden"
+    if any(part in MARKERS for part in parts):
+        return "marker"
+    return None
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard: what listed names are relative to."""
+    first = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
+    return pattern[:first].rsplit("/", 1)[0] if "/" in pattern[:first] else ""
+
+
+def _not_read(left: collections.Counter[str]) -> str:
+    said = []
+    if left["hidden"]:
+        said.append(f"{left['hidden']} hidden file(s) (a path part starting with '.')")
+    if left["marker"]:
+        said.append(f"{left['marker']} of batchscore's own file(s) ({', '.join(sorted(MARKERS))})")
+    return " and ".join(said)
+
+
+def _empty_folder(spec: str, left: collections.Counter[str]) -> str:
+    if not left:
+        return f"input {spec!r}: the folder holds no files"
+    return f"input {spec!r}: the folder holds no files but {_not_read(left)}, which are not read"
 
 
 _ending = formats.ending
