@@ -4,9 +4,10 @@
 the two, so bytes never pass through the object store). It reads each entry by kind:
 
     file     the object's bytes                                  id = its URI
-    tar      WebDataset shard, streamed: one row per sample      id = <shard URI>#<image member>
-             (members sharing a key; the first image member is the sample's image; a
-             sample without one is an error row `<shard URI>#<key>`)
+    tar      WebDataset shard, streamed: a row per image member  id = <shard URI>#<member name>
+             (members sharing a key, adjacent, are a sample; its other members' passthrough
+             goes on each of its image rows; a sample without an image member is an error
+             row `<shard URI>#<key>`, a repeated member name one `<shard URI>#<name>~N`)
     parquet  `image_column` bytes, batch by batch                id = `id_column`, or <file>#<row>
     azureml  {"input_data": [...]} or the pandas-split form,      id = <file>#<index>
              each item base64 image bytes or an image URL
@@ -21,6 +22,8 @@ entry the row came from (`source`, the one-row-per-input check and the output's 
 column), its passthrough values, and on a container's last row the container's row count
 (`rows`): rows may reach the driver in any order, so a container is complete once that many
 of its rows arrived. That is how a tar shard's loss is caught, and what `--resume` trusts.
+A tar shard's count is the one `read_tar` tallies from the member headers it saw, not the
+number of rows it yielded, so a row lost between the two fails the run too.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import binascii
 import json
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,16 +84,31 @@ def read_batch(batch: dict[str, np.ndarray], *, options: ReadOptions) -> Iterato
             out.add(id_, data, error, meta)
         else:  # a container's rows come from the container entry itself: source = its id
             reader = {"tar": read_tar, "parquet": read_parquet, "azureml": read_azureml}[kind]
+            rows = _Announced(reader(uri, options))
             previous, count = None, 0
-            for row in reader(uri, options):
+            for row in rows:
                 if previous is not None:
                     out.add(*_container_row(id_, *previous))
                 previous, count = row, count + 1
                 yield from out.full()
+            total = count if rows.total is None else rows.total
+            if previous is None and total:  # rows announced, none yielded: no row would carry the count
+                previous = (id_, b"", _error("internal", f"reader announced {total} rows but yielded none"), {})
             if previous is not None:
-                out.add(*_container_row(id_, *previous, total=count))
+                out.add(*_container_row(id_, *previous, total=total))
         yield from out.full()
     yield from out.rest()
+
+
+class _Announced:
+    """A container reader's rows, keeping the generator's return value: the row count it
+    announces (`read_tar`: from the headers it saw), or None to announce the rows it yielded."""
+
+    def __init__(self, rows: Generator[tuple[str, bytes, str, dict], None, int | None]):
+        self.rows, self.total = rows, None
+
+    def __iter__(self) -> Iterator[tuple[str, bytes, str, dict]]:
+        self.total = yield from self.rows
 
 
 def _container_row(source: str, row_id: str, data: bytes, error: str, passthrough: dict,
@@ -159,44 +177,131 @@ def fetch(uri: str, retries: int) -> tuple[bytes, str]:
 
 # -- WebDataset tar shards --------------------------------------------------------------
 
-def read_tar(uri: str, options: ReadOptions) -> Iterator[tuple[str, bytes, str, dict]]:
-    """Streams a shard; yields (id, image bytes, error, passthrough) per sample."""
-    samples = 0
+def read_tar(uri: str, options: ReadOptions) -> Generator[tuple[str, bytes, str, dict], None, int]:
+    """Streams a shard: yields (id, image bytes, error, passthrough) rows; returns the number
+    of rows the member headers it saw call for, which `read_batch` announces.
+
+    A sample is a run of consecutive members with the same key (`_split_key`, WebDataset's
+    rule). Each image member (its name's last ending in `formats.IMAGE_ENDINGS`, any case)
+    is a row `<uri>#<member name>`; the sample's other members give every row of the sample
+    its passthrough values (`.cls` → `cls`). A sample without an image member is one error
+    row `<uri>#<key>` (read.no_image). A member name already seen in the shard is an error
+    row `<uri>#<name>~N` (read.bad_id, N its occurrence), and so is a second member with a
+    passthrough extension in one sample (`a.CLS` after `a.cls`): the first one is used. A
+    key that comes back after other keys starts a new sample, with only its own members. An
+    image-named link or device member is an error row (read.no_image). A shard that cannot
+    be read to its end gives one error row `<uri>` (read.bad_container) for the rest.
+
+    The count is tallied from the headers, apart from building the rows, so a member lost
+    between the two leaves the shard short of its count, and the run's check fails.
+    """
+    announced = samples = 0
+    seen: dict[str, int] = {}  # member name -> times seen in the shard
+    closed: set[str] = set()  # keys of the samples done
+    ids = _Ids()
     try:
         fs, path = fsutil.resolve(uri)
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            key, members = None, {}
+            sample = None
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
                     continue
-                k, ext = _split_key(member.name)
-                if key is not None and k != key:
-                    yield _sample(uri, key, members, options)
-                    samples, members = samples + 1, {}
-                key = k
-                members[ext] = (member.name, tar.extractfile(member).read())
-            if key is not None:
-                yield _sample(uri, key, members, options)
-    except (tarfile.TarError, OSError, EOFError) as e:
+                key, ext = _split_key(member.name)
+                if sample is not None and key != sample.key:
+                    announced += sample.due + (not sample.has_image)
+                    yield from _sample_rows(uri, sample, ids, options)
+                    samples += 1
+                    closed.add(sample.key)
+                    sample = None
+                if sample is None:
+                    sample = _Sample(key, again=key in closed)
+                seen[member.name] = seen.get(member.name, 0) + 1
+                sample.add(member, ext, seen[member.name], tar, options)
+            if sample is not None:
+                announced += sample.due + (not sample.has_image)
+                yield from _sample_rows(uri, sample, ids, options)
+    except (tarfile.TarError, OSError, EOFError) as e:  # the sample being read and the rest: one row
         yield uri, b"", _error("read.bad_container",
                                f"tar shard unreadable after {samples} samples: {type(e).__name__}: {e}"), {}
+        return announced + 1
+    return announced
 
 
 def _split_key(name: str) -> tuple[str, str]:
-    """WebDataset keys: 'dir/000123.seg.png' → ('dir/000123', 'seg.png')."""
+    """WebDataset keys: 'dir/000123.seg.png' → ('dir/000123', 'seg.png'): the key ends at the
+    first dot of the base name, so 'IMG_2023.05.01.jpg' → ('IMG_2023', '05.01.jpg')."""
     folder, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _sample(uri: str, key: str, members: dict, options: ReadOptions) -> tuple[str, bytes, str, dict]:
-    passthrough = {c: members[c][1].decode("utf-8", "replace") if c in members else None
+class _Sample:
+    """One sample's members as their headers are read. `due` counts the rows they call for
+    (one per image member, one per member not used), kept apart from `rows`."""
+
+    def __init__(self, key: str, again: bool):
+        self.key, self.again = key, again
+        self.due, self.has_image = 0, False
+        self.exts: list[str] = []  # every member's extension, in order
+        self.rows: list[tuple[str, bytes, str]] = []  # (id after '#', data, error)
+        self.values: dict[str, tuple[str, bytes]] = {}  # passthrough extension -> (member name, bytes)
+
+    def add(self, member: tarfile.TarInfo, ext: str, occurrence: int, tar: tarfile.TarFile,
+            options: ReadOptions) -> None:
+        name, image = member.name, formats.ending(member.name) in formats.IMAGE_ENDINGS
+        self.exts.append(ext)
+        self.has_image |= image
+        if occurrence > 1:
+            self.due += 1
+            self.rows.append((f"{name}~{occurrence}", b"", _error(
+                "read.bad_id", f"member name {name!r} appears again in the shard (occurrence {occurrence}); "
+                               "only the first is read")))
+        elif image and not member.isfile():
+            self.due += 1
+            what = (f"a hard link to {member.linkname!r}" if member.islnk() else
+                    f"a symbolic link to {member.linkname!r}" if member.issym() else "not a regular file")
+            self.rows.append((name, b"", _error("read.no_image", f"member {name!r} is {what}, not the image's bytes")))
+        elif image:
+            self.due += 1
+            self.rows.append((name, tar.extractfile(member).read(), ""))
+        elif ext in options.passthrough and member.isfile():
+            if ext in self.values:
+                self.due += 1
+                self.rows.append((name, b"", _error(
+                    "read.bad_id", f"the sample already has a .{ext} member ({self.values[ext][0]!r}); "
+                                   "only the first is read")))
+            else:
+                self.values[ext] = (name, tar.extractfile(member).read())
+
+
+def _sample_rows(uri: str, sample: _Sample, ids: _Ids,
+                 options: ReadOptions) -> Iterator[tuple[str, bytes, str, dict]]:
+    """The rows of a sample, each with the sample's passthrough values."""
+    passthrough = {c: sample.values[c][1].decode("utf-8", "replace") if c in sample.values else None
                    for c in options.passthrough}
-    for ext, (name, data) in members.items():
-        if "." + ext.rsplit(".", 1)[-1] in formats.IMAGE_ENDINGS:
-            return f"{uri}#{name}", data, "", passthrough
-    found = ", ".join("." + e for e in members)
-    return f"{uri}#{key}", b"", _error("read.no_image", f"sample has no image member (members: {found})"), passthrough
+    for row_id, data, error in sample.rows:
+        yield ids.take(f"{uri}#{row_id}"), data, error, passthrough
+    if not sample.has_image:
+        reason = f"sample has no image member (members: {', '.join('.' + e for e in sample.exts)})"
+        if sample.again:
+            reason += f"; its key {sample.key!r} came earlier in the shard too: a sample's members must be adjacent"
+        yield ids.take(f"{uri}#{sample.key}"), b"", _error("read.no_image", reason), passthrough
+
+
+class _Ids:
+    """The ids given in one shard: a repeated one gets `~2`, `~3`, … so no two rows share one
+    (a sample without an image member whose key came earlier, without one either)."""
+
+    def __init__(self):
+        self.given: set[str] = set()
+
+    def take(self, wanted: str) -> str:
+        row_id, n = wanted, 1
+        while row_id in self.given:
+            n += 1
+            row_id = f"{wanted}~{n}"
+        self.given.add(row_id)
+        return row_id
 
 
 # -- Parquet with an image-bytes column -------------------------------------------------
