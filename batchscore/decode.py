@@ -24,9 +24,12 @@ import functools
 import io
 import logging
 import os
+import re
+import struct
 import sys
 import threading
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,6 +47,13 @@ log = logging.getLogger(__name__)
 DRAFT_MARGIN = 4
 # A side this long is a negative number read as unsigned (a damaged header), not a bomb.
 _IMPOSSIBLE_SIDE = 2**31
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Pillow's words for valid files of an allowed format that its decoders do not handle (not
+# damaged data): 12-bit JPEG, BMP bit fields other than the common layouts, 2-bit BMP and BMP
+# holding an embedded PNG/JPEG (depth 0). Any other "Unsupported BMP pixel depth (30000)" is
+# a damaged header.
+_PILLOW_LACKS = re.compile(r"cannot handle 12-bit layers|Unsupported BMP bitfields layout|"
+                           r"Unsupported BMP pixel depth \((0|2)\)|Unsupported BMP compression")
 
 
 def _register_plugins() -> None:
@@ -141,6 +151,8 @@ def decode_one(data: bytes, spec: PreprocessSpec, max_image_pixels: int,
     if not data:
         raise DecodeError("decode.empty", "empty file")
     image = open_image(data, max_image_pixels, formats)
+    if image.format == "PNG":
+        _check_png_chunks(data)
     if image.format in ("JPEG", "MPO"):
         image.draft(image.mode, _draft_size(image.size, spec))
     load(image)
@@ -202,7 +214,41 @@ def load(image: Image.Image) -> None:
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, ValueError, struct.error, ...
+        if image.format == "PNG" and _raised_in(e, "load_end"):
+            # The default image is fully decoded; what failed are the APNG animation chunks
+            # after it. The APNG spec says to show the default image then, as Pillow does
+            # ("will use default PNG image"); a second load() only finishes the bookkeeping.
+            image.load()
+            return
         raise _damaged(e, image) from e
+
+
+def _raised_in(e: BaseException, function: str) -> bool:
+    import traceback
+
+    return any(frame.name == function for frame in traceback.extract_tb(e.__traceback__))
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Checks every chunk's CRC, as libpng does (Pillow checks only some): a PNG whose image
+    data fails its checksum holds other pixels than were written.
+
+    Raises:
+        DecodeError: `decode.corrupt` naming the chunk, or `decode.truncated` when a chunk
+            runs past the end of the data.
+    """
+    at = len(_PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        end = at + 8 + length + 4
+        if end > len(data):
+            return  # a cut-short file: Pillow's load says "truncated" with its own words
+        if zlib.crc32(data[at + 4:end - 4]) != struct.unpack(">I", data[end - 4:end])[0]:
+            name = kind.decode("latin-1")
+            raise DecodeError("decode.corrupt", f"PNG chunk {name!r} at byte {at} fails its CRC checksum")
+        if kind == b"IEND":
+            return
+        at = end
 
 
 def _unidentified(data: bytes, pillow_formats: list[str]) -> DecodeError:
@@ -212,9 +258,22 @@ def _unidentified(data: bytes, pillow_formats: list[str]) -> DecodeError:
         factory, accept = Image.OPEN[fmt]
         if accept is not None and accept(data[:16]) is True:
             return _diagnose(fmt, factory, data)
+    if "PNG" in pillow_formats and _png_after_damaged_signature(data):
+        return DecodeError("decode.corrupt", f"PNG with a damaged signature {data[:8]!r} (expected {_PNG_SIGNATURE!r}; "
+                                             "e.g. sent through a text-mode transfer)")
     return DecodeError(
         "decode.unsupported_format",
         f"not an image in an allowed format ({', '.join(pillow_formats)}); starts with {data[:8]!r}")
+
+
+def _png_after_damaged_signature(data: bytes) -> bool:
+    """A PNG whose 8-byte signature was damaged: its first four bytes intact (libpng's test
+    for "corrupted by ASCII conversion"), or an IHDR chunk with a valid CRC right after it."""
+    if data[:4] == _PNG_SIGNATURE[:4]:
+        return True
+    if len(data) < 33 or data[12:16] != b"IHDR" or struct.unpack(">I", data[8:12])[0] != 13:
+        return False
+    return zlib.crc32(data[12:29]) == struct.unpack(">I", data[29:33])[0]
 
 
 def _diagnose(fmt: str, factory, data: bytes) -> DecodeError:
@@ -224,13 +283,16 @@ def _diagnose(fmt: str, factory, data: bytes) -> DecodeError:
         class _Probe(factory):  # records the size the header declares before Pillow rejects it
             def _open(self):
                 super()._open()
-                seen["size"] = self.size
+                seen["size"], seen["mode"] = self.size, self.mode
         factory = _Probe
     try:
         factory(io.BytesIO(data), None)
     except Exception as e:  # noqa: BLE001 - the reason is what we are after
         if "size" in seen and min(seen["size"]) <= 0:
             return DecodeError("decode.no_pixels", f"{fmt} image has no pixels ({seen['size'][0]}x{seen['size'][1]})")
+        if "size" in seen and not seen["mode"]:
+            detail = f" (bit depth {data[24]}, colour type {data[25]})" if fmt == "PNG" and len(data) > 25 else ""
+            return DecodeError("decode.corrupt", f"{fmt} header declares no valid pixel format{detail}")
         return _damaged(e, fmt=fmt)
     return DecodeError("decode.corrupt", f"{fmt} signature, but Pillow could not identify the image")
 
@@ -242,6 +304,8 @@ def _damaged(e: Exception, image: Image.Image | None = None, fmt: str | None = N
     text = str(e).strip().replace("\n", " ")
     reason = f"{fmt + ': ' if fmt else ''}{type(e).__name__ + ': ' if type(e) is not OSError else ''}{text}"
     lowered = text.lower()
+    if _PILLOW_LACKS.search(text):
+        return DecodeError("decode.unsupported_codec", f"{reason}: a valid file this Pillow cannot decode")
     if "decoder" in lowered and "not available" in lowered:  # Pillow lacks a decoder it names
         fmt = fmt or (image.format if image is not None else "image")
         return DecodeError("decode.unsupported_codec", f"{fmt}: this Pillow build cannot decode it ({text})")
