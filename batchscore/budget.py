@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import json
 
+from batchscore.output import ERRORS
+
 EXAMPLES = 20
 
 
@@ -27,14 +29,12 @@ class ErrorBudget:
         self.by_code: collections.Counter[str] = collections.Counter()
         self.examples: list[dict[str, str]] = []
 
-    def add(self, ids: list[str], errors: list[str | None]) -> None:
-        self.rows += len(ids)
-        for id_, error in zip(ids, errors):
-            if error is not None:
-                self.errors += 1
-                self.by_code[error.split(":", 1)[0]] += 1
-                if len(self.examples) < EXAMPLES:
-                    self.examples.append({"id": id_, "error": error})
+    def add_counts(self, rows: int, errors: int, by_code: dict[str, int], examples: list[dict[str, str]]) -> None:
+        """Counts a part's rows from its statistics (`batchscore.run`), not its rows."""
+        self.rows += rows
+        self.errors += errors
+        self.by_code.update(by_code)
+        self.examples.extend(examples[:EXAMPLES - len(self.examples)])
 
     def blown_early(self) -> bool:
         """True once the errors alone exceed the budget of the whole run."""
@@ -51,7 +51,7 @@ class ErrorBudget:
     def fail(self, run_id: str, aborted_early: bool, write) -> ErrorBudgetExceeded:
         """Writes the summary with `write(name, text)` and returns the exception to raise."""
         summary = self.summary(run_id, aborted_early)
-        where = write("_errors.json", json.dumps(summary, indent=2))
+        where = write(ERRORS, json.dumps(summary, indent=2))
         total = self.expected if aborted_early else self.rows
         codes = ", ".join(f"{k}={v}" for k, v in self.by_code.most_common())
         return ErrorBudgetExceeded(

@@ -119,7 +119,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="store_true", default=None, help=help_)
         elif f.name == "actors":
             parser.add_argument(flag, metavar="MIN[,MAX]", type=_actors, help=help_)
-        elif typing.get_origin(hint) is tuple:
+        elif typing.get_origin(hint) is tuple or tuple in map(typing.get_origin, typing.get_args(hint)):
             parser.add_argument(flag, nargs="+", metavar=f.name.upper(), help=help_)
         elif typing.get_origin(hint) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), help=help_)

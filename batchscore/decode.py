@@ -184,7 +184,7 @@ def open_image(data: bytes, max_image_pixels: int,
         raise _damaged(e) from e
     finally:
         Image.MAX_IMAGE_PIXELS = max_image_pixels
-    if image.format not in formats:  # an MPO when only JPEG is allowed
+    if not _formats.allows(formats, image.format):  # a plain JPEG when only MPO is allowed
         raise DecodeError("decode.unsupported_format",
                           f"{image.format} image, not an allowed format ({', '.join(formats)})")
     w, h = image.size
@@ -340,14 +340,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     that holds the largest sample. A 16-bit ramp (0-65535) is divided by 257, a 12-bit scan
     in 16-bit words (0-4095) by 4095/255, and a 16-bit file holding 0-255 is kept as is (as
     transformers, which clips to 255, also does). A plain `>> 8` would turn the last two black,
-    clipping would turn the first two white. Float images (mode F) are clipped to 0-255.
+    clipping would turn the first two white. Float images (mode F) whose values stay within
+    0-1 are scaled by 255 (else they would be black); others are clipped to 0-255.
     """
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I") or image.mode == "F":
         arr = np.asarray(image)
-        if image.mode == "F":
-            arr8 = np.clip(arr, 0, 255).astype(np.uint8)
+        if image.mode == "F":  # 0-1 floats (scientific TIFFs) are scaled, 0-255 kept, both clipped
+            arr = np.nan_to_num(arr.astype(np.float64))
+            arr8 = np.rint(np.clip(arr * 255 if arr.size and arr.max() <= 1.0 else arr, 0, 255)).astype(np.uint8)
         else:
             arr8 = scale_to_8bit(arr)
         return Image.fromarray(arr8, mode="L").convert("RGB")

@@ -15,8 +15,8 @@ CODES: dict[str, str] = {
     "read.bad_container": "a tar shard, Parquet file or Azure ML request file could not be read (the rest of it)",
     "read.no_image": "a container row with no image: empty image column, tar sample without an image member, "
                      "an Azure ML item that is neither base64 nor a URL",
-    "read.bad_id": "a Parquet row whose id column is null; a tar member name repeated in its shard, or a second "
-                   "passthrough member of one sample",
+    "read.bad_id": "a Parquet row whose id column is null or repeats an earlier row's (its id is then "
+                   "<file>#<row>); a tar member name repeated in its shard, or a second passthrough member of one sample",
     # decode: the bytes are not an image we accept
     "decode.empty": "zero bytes",
     "decode.unsupported_format": "not an image in an allowed format (`formats`): HTML, PSD, EPS, FITS, random bytes, ...",

@@ -22,7 +22,7 @@ import socket
 import time
 
 from batchscore import fs as fsutil
-from batchscore.sink import SinkError
+from batchscore.output import SinkError
 
 LEASE = "_staging/_lease"  # inside _staging/: a killed run leaves nothing else behind
 TTL_SECONDS = 600.0
@@ -58,7 +58,7 @@ class Lease:
                 if stale is None or attempt:
                     raise OutputBusy(self._busy_message(holder)) from None
                 log.warning("taking over the lease of run %s on %s: %s", holder.get("run_id"), self.output, stale)
-                self.fs.rm(self.path)
+                fsutil.remove_file(self.fs, self.path)
             except Exception as e:  # a missing bucket, no permission: say so before any work is done
                 raise SinkError(f"output {self.output!r} is not writable: {type(e).__name__}: {e}") from e
         self.check()  # stores that ignore the precondition: whoever wrote last holds it
@@ -86,7 +86,7 @@ class Lease:
         try:
             holder = self.read()
             if holder is not None and holder.get("run_id") == self.run_id:
-                self.fs.rm(self.path)
+                fsutil.remove_file(self.fs, self.path)
         except Exception as e:  # noqa: BLE001 - a lease left behind goes stale; never mask the run's outcome
             log.warning("could not release the lease %s: %s", self.uri, e)
 

@@ -10,7 +10,8 @@ kind, chosen by `input_format` or detected from the file endings:
           a manifest if it has `uri_column`).
 
 A path that exists as written is that path, even with `[`, `?` or `*` in its name; only a
-path that does not exist is expanded as a glob. Directories are listed recursively, and on
+path that does not exist is expanded as a glob (folders it matches are listed whole).
+Directories are listed recursively, and on
 object stores one level of sub-prefixes is listed in parallel; under them, hidden files (a
 path part starting with '.') and batchscore's own output files (`MARKERS`, by name) are
 skipped and counted, and a folder with nothing else is an error. Files that do not belong to
@@ -32,18 +33,18 @@ from dataclasses import dataclass, field
 
 from batchscore import formats
 from batchscore import fs as fsutil
-from batchscore import sink
+from batchscore import output
 from batchscore.config import ScoreConfig
 
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
-# batchscore's own files and folders in an output (sink): never inputs, wherever a listed
-# folder holds them. Skipped by these names; any other name starting with '_' is ordinary.
-MARKERS = frozenset({sink.SUCCESS, sink.MANIFEST, sink.MANIFESTS, sink.STAGING})
+# batchscore's own files and folders in an output: never inputs, wherever a listed folder
+# holds them. Skipped by these names; any other name starting with '_' is ordinary.
+MARKERS = output.MARKERS
 _LIST_THREADS = 16
 ENDINGS = {
-    "tar": (".tar", ".tgz", ".tar.gz"),
+    "tar": (".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"),
     "azureml": (".json",),
     "manifest": (".csv", ".jsonl", ".ndjson"),
     "parquet": (".parquet",),
@@ -83,9 +84,10 @@ def list_inputs(config: ScoreConfig) -> list[Entry]:
             skipped[_ending(uri) or "(none)"] += 1
     if skipped:
         what = "images" if fmt == "files" else f"{fmt} inputs"
-        log.warning("skipped %d listed file(s) that are not %s: %s (set input_format, or list them "
-                    "explicitly)", sum(skipped.values()), what,
-                    ", ".join(f"{ext} x{n}" for ext, n in skipped.most_common()))
+        hint = ("to score them, add their format to `formats` (or their ending to `extensions`)" if fmt == "files"
+                else "set input_format to choose another kind of input")
+        log.warning("skipped %d listed file(s) that are not %s: %s (%s)", sum(skipped.values()), what,
+                    ", ".join(f"{ext} x{n}" for ext, n in skipped.most_common()), hint)
     if not chosen:
         raise ListingError(f"inputs {list(config.input)}: no {fmt} input found "
                            f"(endings {sorted(_endings(fmt, config))})")
@@ -134,12 +136,17 @@ def _list_files(inputs: tuple[str, ...]) -> list[tuple[str, int | None]]:
             kept = [fs.info(path)]
             log.info("input %r: a path as written: one file", spec)
         elif any(c in _GLOB_CHARS for c in path):
-            kept, left = _visible([i for i in fs.glob(path, detail=True).values() if _is_file(i)], _glob_root(path))
+            matched = list(fs.glob(path, detail=True).values())
+            matched = _through_links(fs, matched) if fsutil.is_local(fs) else matched
+            folders = [i["name"] for i in matched if i["type"] == "directory"]  # `dt=2026-11-*`: listed whole
+            found_files = [i for i in matched if _is_file(i)] + [i for d in folders for i in _find(fs, d)]
+            kept, left = _visible(found_files, _glob_root(path))
             skipped += left
             if not kept:
                 raise ListingError(f"input {spec!r}: no such path, and the glob matched no file"
                                    + (f" but {_not_read(left)}" if left else ""))
-            log.info("input %r: no such path, expanded as a glob: %d file(s)", spec, len(kept))
+            log.info("input %r: no such path, expanded as a glob: %d file(s)%s", spec, len(kept),
+                     f" (in {len(folders)} matched folder(s))" if folders else "")
         else:
             raise ListingError(f"input {spec!r}: no such file or directory")
         for info in kept:
@@ -154,7 +161,7 @@ def _find(fs, path: str) -> list[dict]:
     """Recursive listing; on object stores the first level of prefixes is listed in parallel.
     Folder placeholder objects (`prefix/`, zero bytes) are folders, not files."""
     if fsutil.is_local(fs):
-        return list(fs.find(path, detail=True).values())
+        return _through_links(fs, fs.find(path, detail=True).values())
     top = fs.ls(path, detail=True)
     files = [i for i in top if _is_file(i)]
     dirs = [i["name"] for i in top if i["type"] == "directory"]
@@ -170,6 +177,27 @@ def _is_file(info: dict) -> bool:
     return info["type"] == "file" and not info["name"].endswith("/")
 
 
+def _through_links(fs, infos) -> list[dict]:
+    """Local symbolic links (fsspec lists them as type 'other'): a link to a file is that file,
+    under the link's own path (Hugging Face and DVC caches are folders of such links); a link
+    to a folder is not followed (cycles), and is said so; a broken link stays, and reads as
+    `read.not_found`."""
+    out = []
+    for info in infos:
+        if info.get("islink") and info["type"] not in ("file", "directory"):
+            try:
+                target = fs.info(info["name"])  # follows the link
+            except FileNotFoundError:
+                target = {"type": "file"}
+            if target["type"] == "directory":
+                log.warning("not following %s: a symbolic link to a folder (give it as an input to score it)",
+                            info["name"])
+                continue
+            info = {**info, "type": target["type"], "size": target.get("size", info.get("size"))}
+        out.append(info)
+    return out
+
+
 def _visible(infos: list[dict], root: str) -> tuple[list[dict], collections.Counter[str]]:
     """The files under `root` that are neither hidden nor batchscore's markers, and how many
     of each of those were left out."""
@@ -183,11 +211,17 @@ def _visible(infos: list[dict], root: str) -> tuple[list[dict], collections.Coun
     return kept, left
 
 
+def hidden(path: str) -> bool:
+    """A hidden file: a part of its path starts with '.' (`.DS_Store`, macOS `._IMG.jpg` twins,
+    `.thumbs/`). The one rule for folders, globs and tar shard members."""
+    return any(part.startswith(".") and part not in (".", "..") for part in path.split("/"))
+
+
 def _skip_reason(relative: str) -> str | None:
-    """'hidden' (a path part starting with '.'), 'marker' (a part named like one of batchscore's
-    own files or folders) or None. Names starting with '_' are ordinary files."""
+    """'hidden' (`hidden`), 'marker' (a part named like one of batchscore's own files or
+    folders) or None. Names starting with '_' are ordinary files."""
     parts = [part for part in relative.split("/") if part]
-    if any(part.startswith(".") for part in parts):
+    if hidden(relative):
         return "hidden"
     if any(part in MARKERS for part in parts):
         return "marker"

@@ -1,17 +1,20 @@
 """The pipeline: the one place where the stages are wired, top to bottom.
 
-    listing → read → decode → predict (+ postprocess) → sink → commit
+    driver    prepare: resolve the model, list the inputs (Ray starts meanwhile); take the
+              output's lease; stage a new run, or resume the one that died
+    workers   read → decode → predict (+ postprocess) → write       (`build_dataset`)
+    driver    count each part's statistics (budget, progress, rows) → check rows against
+              the inputs → write the manifest → commit
 
-`build_dataset` wires the Ray Data stages; `score` runs them, streams the results into the
-staged Parquet sink on the driver (exact counts, duplicate and loss checks, progress lines)
-and commits only a complete run.
+The driver plans and commits; workers read, decode, score and write. What reaches the driver
+is one small record per part file (`batchscore.run`), never the rows.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import datetime as dt
+import json
 import logging
 import platform
 import time
@@ -19,31 +22,37 @@ import uuid
 
 import ray
 
-from batchscore import decode, listing, models, predict, read, resume, sink
-from batchscore.budget import ErrorBudget
+from batchscore import decode, listing, models, output, predict, read, resume, write
+from batchscore.commit import commit
 from batchscore.config import ScoreConfig
 from batchscore.lease import Lease
-from batchscore.progress import Progress
 from batchscore.result import RunResult
-from batchscore.runtime import actor_resources, ensure_ray
+from batchscore.run import Run
+from batchscore.runtime import WRITE_CPUS, actor_resources, ensure_ray
+from batchscore.staging import Staging
 
 log = logging.getLogger("batchscore")
 
+# Files per read/decode task after the first blocks (see `read.dataset`). Measured with the
+# demo model on 2 cores (docs/benchmarks.md): per-task cost on the driver dominated at 32.
+FILES_PER_BLOCK = 256
 
-def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry]) -> ray.data.Dataset:
-    """The Ray Data plan: rows of {id, labels, probs, error, meta}, one per image."""
+
+def build_dataset(config: ScoreConfig, model: models.ModelInfo, todo: list[tuple[int, listing.Entry]],
+                  part: write.PartSpec) -> ray.data.Dataset:
+    """The Ray Data plan: rows of {part} (one part file's statistics as JSON) per part written."""
     resources = actor_resources(config)
     # Ray Data hands each actor batches of the largest forward size it may choose.
     batch = max(predict.batch_candidates(config.batch_size, on_gpu=resources.gpus > 0))
     # read + decode: plain functions in CPU tasks. Same remote args, so Ray fuses them into one
     # task (bytes stay in the task); different ones from predict, so decode never runs inside
     # the model actor.
-    ds = read.dataset(entries, files_per_block=max(batch, 8))
+    ds = read.dataset(todo, batch=max(batch, 8), block=max(batch, FILES_PER_BLOCK))
     options = read.ReadOptions(image_column=config.image_column, id_column=config.id_column,
                                passthrough=config.passthrough, retries=config.read_retries,
                                batch_size=config.decode_batch_size)
     ds = ds.map_batches(read.read_batch, fn_kwargs={"options": options}, num_cpus=config.decode_cpus,
-                        batch_size=config.decode_batch_size if entries[0].kind == "file" else 1)
+                        batch_size=None)
     ds = ds.map_batches(
         decode.decode_batch,
         fn_kwargs={"spec": model.preprocess, "max_image_pixels": config.max_image_pixels, "formats": config.formats,
@@ -63,6 +72,10 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[li
         num_gpus=resources.gpus,
         runtime_env=resources.runtime_env() or None,
     )
+    # write: tasks that each write one part file of `rows_per_file` rows into the run's
+    # staging folder and return its statistics; the rows never reach the driver.
+    ds = ds.map_batches(write.write_part, fn_kwargs={"spec": part}, batch_size=rows_per_file(config, resources.gpus),
+                        batch_format="pyarrow", num_cpus=WRITE_CPUS)
     # A bounded object store: without it Ray Data lets decode run ahead into half the store
     # (GBs), and with a slow model a run's memory grew with its image count (ViT-B/16 on
     # 2 cores: +600 MiB PSS from 300 to 3,000 images, docs/benchmarks.md). Set on this
@@ -71,6 +84,14 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, entries: list[li
     ds.context.execution_options.resource_limits = limits.copy(
         object_store_memory=config.decoded_queue_mb * 2**20 * config.actors[1])
     return ds
+
+
+def rows_per_file(config: ScoreConfig, gpus: float) -> int:
+    """Rows per part file: `rows_per_file`, or 20,000 with GPUs (seconds of work there) and
+    2,000 on CPUs (minutes of a ViT-B/16 on a few cores: what a crash may lose to --resume)."""
+    if config.rows_per_file is not None:
+        return config.rows_per_file
+    return 20_000 if gpus > 0 else 2_000
 
 
 def score(config: ScoreConfig) -> RunResult:
@@ -93,7 +114,7 @@ def score(config: ScoreConfig) -> RunResult:
     started = time.monotonic()
     started_at = _now()
 
-    previous = sink.read_manifest(config.output)
+    previous = output.read_manifest(config.output)
     if previous is not None and not config.overwrite:
         log.info("output %s already holds committed run %s", config.output, previous["run_id"])
         return _result_from_manifest(previous, config.output, "already_committed")
@@ -103,12 +124,12 @@ def score(config: ScoreConfig) -> RunResult:
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
         prepared = pool.submit(_prepare, config, started)
         ensure_ray()
-        model, entries, resolved, listed = prepared.result()
+        model, entries, timings = prepared.result()
 
     attempt = _new_run_id()
     lease = Lease(config.output, attempt).acquire()
     try:
-        return _run(config, model, entries, attempt, lease, started, resolved, listed, started_at)
+        return _run(config, model, entries, attempt, lease, timings, started, started_at)
     finally:
         lease.release()
 
@@ -121,128 +142,85 @@ def _prepare(config: ScoreConfig, started: float):
     entries = listing.list_inputs(config)
     listed = time.monotonic()
     log.info("listed %d inputs in %.2fs", len(entries), listed - resolved)
-    return model, entries, resolved, listed
+    return model, entries, {"model_seconds": resolved - started, "listing_seconds": listed - resolved}
 
 
 def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry], attempt: str, lease: Lease,
-         started: float, resolved: float, listed: float, started_at: str) -> RunResult:
+         timings: dict[str, float], started: float, started_at: str) -> RunResult:
     """Stages (or resumes), scores, checks and commits, holding the output's lease."""
-    known_rows = sum(e.rows for e in entries) if all(e.rows is not None for e in entries) else None
-    budget = ErrorBudget(config.max_error_fraction, known_rows)
     fingerprint = resume.fingerprint(config, model.weights_sha256)
     staged = resume.latest(config.output, fingerprint) if config.resume else None
-    run_id = staged.run_id if staged else attempt
-    writer = sink.StagedWriter(config.output, run_id, {"model": model.tag, "run_id": run_id}, config.rows_per_file,
-                               passthrough=config.passthrough, part_seconds=config.part_seconds,
-                               run_info={"run_id": run_id, "started_at": started_at, "fingerprint": fingerprint},
-                               existing=staged.parts if staged else ())
-    kept = resume.adopt(staged, writer, entries, budget) if staged else resume.Kept(run_id)
-    todo = [e for e in entries if e.id not in kept.complete]
     if config.resume and not staged:
-        log.info("resume: no staged run in %s; starting run %s", config.output, run_id)
+        log.info("resume: no staged run in %s; starting run %s", config.output, attempt)
+    run_id = staged.run_id if staged else attempt
+    staging = Staging(config.output, run_id,
+                      info=None if staged else {"run_id": run_id, "started_at": started_at, "fingerprint": fingerprint})
+    run = Run(run_id, entries, staging, lease, config.max_error_fraction, config.progress_seconds)
+    todo = resume.adopt(staged, run) if staged else list(enumerate(entries))
 
-    seen, sources, container_rows = set(kept.ids), collections.Counter(kept.sources), dict(kept.container_rows)
-    progress = Progress(total=None if known_rows is None else known_rows - kept.rows,
-                        every_seconds=config.progress_seconds)
+    scoring = time.monotonic()
     if todo:
-        ds = build_dataset(config, model, todo)
-        # prefetch_batches=0: Ray's default of 1 held each block back until the next one was
-        # ready, so every batch reached the sink one actor call late (ViT-B/16 on 2 cores:
-        # first rows 23.5 s after listing instead of 15.9 s).
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-            batch, totals = read.unpack_meta(batch, config.passthrough)
-            ids, errors = batch.column("id").to_pylist(), batch.column("error").to_pylist()
-            seen.update(ids)
-            sources.update(batch.column("source").to_pylist())
-            container_rows.update(totals)
-            budget.add(ids, errors)
-            writer.write(batch, totals)
-            progress.update(len(ids), len(errors) - errors.count(None))
-            lease.renew()
-            if budget.blown_early():
+        part = write.PartSpec(output=config.output, run_id=run_id, model=model.tag, passthrough=config.passthrough,
+                              containers=run.containers)
+        # prefetch_batches=0: each part's record is counted as soon as it is written.
+        parts = build_dataset(config, model, todo, part).iter_batches(batch_format="pyarrow", batch_size=None,
+                                                                     prefetch_batches=0)
+        for batch in parts:
+            for stats in batch.column("part").to_pylist():
+                run.add(json.loads(stats))
+            if run.budget.blown_early():
                 break  # leaving the iterator stops the Ray Data execution
-    parts = writer.close()
-    scored = time.monotonic()
-    log.info("%s", progress.line())
-    if budget.blown():
-        raise budget.fail(run_id, aborted_early=budget.blown_early(), write=writer.write_text)
+    timings["scoring_seconds"] = time.monotonic() - scoring
+    log.info("%s", run.progress.line())
+    if run.budget.blown():
+        raise run.budget.fail(run_id, aborted_early=run.budget.blown_early(), write=staging.write_text)
 
-    _check_rows(entries, seen, sources, container_rows, sum(p.rows for p in parts))
-    timings = {"model_seconds": resolved - started, "listing_seconds": listed - resolved,
-               "scoring_seconds": scored - listed, "first_row_seconds": progress.first_row_seconds or 0.0,
-               "total_seconds": time.monotonic() - started}
-    manifest = _manifest(config, model, entries, run_id, budget, parts, timings, started_at, progress.done)
-    manifest["timings"]["steady_images_per_second"] = round(progress.steady_rate, 2)
-    manifest["attempt"] = {"id": attempt, "resumed": staged is not None, "rows_kept": kept.rows,
-                           "rows_scored": progress.done, "parts_rewritten": kept.parts_rewritten,
-                           "parts_discarded": kept.parts_broken}
-    sink.commit(writer, manifest, check=lease.check)
+    run.check()
+    timings["first_row_seconds"] = run.progress.first_row_seconds or 0.0
+    timings["total_seconds"] = time.monotonic() - started
+    manifest = _manifest(config, model, run, timings, started_at, resumed=staged is not None, attempt=attempt)
+    commit(staging, [p["name"] for p in run.parts], manifest, check=lease.check)
     return _result_from_manifest(manifest, config.output, "committed")
 
 
-def _manifest(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry], run_id: str,
-              budget: ErrorBudget, parts: list[sink.PartFile], timings: dict[str, float], started_at: str,
-              rows_scored: int) -> dict:
+def _manifest(config: ScoreConfig, model: models.ModelInfo, run: Run, timings: dict[str, float], started_at: str,
+              resumed: bool, attempt: str) -> dict:
     """Everything a reader or a later run needs to know about this run."""
-    scoring = timings["scoring_seconds"]
+    scoring, scored = timings["scoring_seconds"], run.progress.done
+    budget = run.budget
     return {
-        "run_id": run_id,
-        "schema": "batchscore.predictions.v1",
+        "run_id": run.run_id,
+        "schema": output.SCHEMA_NAME,
         "config": config.to_dict(),
         "model": {"ref": model.ref, "name": model.name, "tag": model.tag, "model_type": model.model_type,
                   "weights_sha256": model.weights_sha256, "weights_format": model.weights_format,
                   "num_labels": len(model.labels), "preprocess": model.preprocess.__dict__},
-        "inputs_sha256": listing.listing_hash(entries),
-        "counts": {"inputs": len(entries), "input_format": entries[0].kind, "rows": budget.rows,
+        "inputs_sha256": listing.listing_hash(run.entries),
+        "counts": {"inputs": len(run.entries), "input_format": run.entries[0].kind, "rows": budget.rows,
                    "scored": budget.rows - budget.errors, "errors": budget.errors,
                    "errors_by_code": dict(budget.by_code)},
-        "files": [p.__dict__ for p in parts],
+        "files": run.part_files(),
         "timings": {**{k: round(v, 3) for k, v in timings.items()},
-                    "images_per_second": round(rows_scored / scoring, 2) if scoring > 0 else 0.0},
+                    "images_per_second": round(scored / scoring, 2) if scoring > 0 else 0.0,
+                    "steady_images_per_second": round(run.progress.steady_rate, 2)},
+        "attempt": {"id": attempt, "resumed": resumed, "rows_kept": run.kept_rows, "rows_scored": scored,
+                    **getattr(run, "resumed", {"parts_rewritten": 0, "parts_discarded": 0})},
         "started_at": started_at,
         "finished_at": _now(),
         "versions": _versions(),
     }
 
 
-def _check_rows(entries: list[listing.Entry], seen: set[str], sources: collections.Counter,
-                container_rows: dict[str, int], rows: int) -> None:
-    """One row per image, every row from a listed input, or the run fails before commit.
-
-    Files and Parquet rows are known in advance and must match exactly; a tar shard or
-    request file must match the row count its reader announced with its last row.
-    """
-    problems = []
-    if rows != len(seen):
-        problems.append(f"{rows - len(seen)} duplicate ids")
-    listed = {e.id for e in entries}
-    unlisted = sorted(set(sources) - listed)
-    if unlisted:
-        problems.append(f"rows from unlisted inputs, e.g. {unlisted[:3]}")
-    expected = {e.id: e.rows if e.rows is not None else container_rows.get(e.id) for e in entries}
-    wrong = [(e.id, sources.get(e.id, 0), expected[e.id]) for e in entries
-             if (expected[e.id] is not None or e.id in sources) and sources.get(e.id, 0) != expected[e.id]]
-    if wrong:
-        problems.append(f"{len(wrong)} input(s) gave the wrong number of rows (input, got, expected), e.g. {wrong[:3]}")
-    if problems:
-        known = sum(e.rows or 0 for e in entries)
-        raise sink.SinkError(f"expected one row per input ({len(entries)} inputs, {known} rows known in advance) "
-                             f"but wrote {rows} rows: {'; '.join(problems)}; nothing was committed")
-    empty = [e.id for e in entries if expected[e.id] is None and not sources.get(e.id)]
-    if empty:
-        log.warning("%d input file(s) held no image rows: %s", len(empty), empty[:5])
-
-
-def _result_from_manifest(manifest: dict, output: str, status: str) -> RunResult:
+def _result_from_manifest(manifest: dict, output_uri: str, status: str) -> RunResult:
     from batchscore import fs as fsutil
 
     counts, timings = manifest["counts"], manifest["timings"]
-    fs, root = fsutil.resolve(output)
+    fs, root = fsutil.resolve(output_uri)
     return RunResult(
         status=status,
         run_id=manifest["run_id"],
-        output=output,
-        manifest_uri=fsutil.full_uri(fs, f"{root.rstrip('/')}/{sink.MANIFEST}"),
+        output=output_uri,
+        manifest_uri=fsutil.full_uri(fs, f"{root.rstrip('/')}/{output.MANIFEST}"),
         rows=counts["rows"],
         errors=counts["errors"],
         errors_by_code=dict(counts["errors_by_code"]),

@@ -17,11 +17,12 @@ Nothing that goes wrong with one image fails the job: it becomes that row's erro
 forbidden objects are not. "No error" is "" inside the pipeline, never None: Ray turns an
 all-None object column into floats between stages.
 
-`meta` is a JSON string carried untouched through decode and predict to the driver: the
-entry the row came from (`source`, the one-row-per-input check and the output's `source`
-column), its passthrough values, and on a container's last row the container's row count
-(`rows`): rows may reach the driver in any order, so a container is complete once that many
-of its rows arrived. That is how a tar shard's loss is caught, and what `--resume` trusts.
+`meta` is a JSON string carried untouched through decode and predict to the write stage
+(`batchscore.write`): the entry the row came from (`source`, the output's `source` column),
+its listing `index` (the row accounting), its passthrough values, and on a container's last
+row the container's row count (`rows`): rows may be written in any order and in several
+parts, so a container is complete once that many of its rows are written. That is how a tar
+shard's loss is caught, and what `--resume` trusts.
 A tar shard's count is the one `read_tar` tallies from the member headers it saw, not the
 number of rows it yielded, so a row lost between the two fails the run too.
 """
@@ -43,6 +44,7 @@ import ray
 from batchscore import formats
 from batchscore import fs as fsutil
 from batchscore.errors import error as _error
+from batchscore import listing
 from batchscore.listing import Entry
 
 RETRY_BASE_SECONDS = 0.5
@@ -59,19 +61,23 @@ class ReadOptions:
     batch_size: int = 32
 
 
-def dataset(entries: list[Entry], files_per_block: int) -> ray.data.Dataset:
-    """The listing as a dataset: blocks of exactly `files_per_block` files (the last may be
-    short), containers one to a block.
+def dataset(todo: list[tuple[int, Entry]], batch: int, block: int) -> ray.data.Dataset:
+    """The inputs to score, as a dataset of (id, uri, kind, meta) rows; `meta` carries each
+    input's listing index (the row accounting of `batchscore.run`) and passthrough values.
 
-    Each block is one read/decode task, and its rows reach the model actor, and leave it, as
-    one bundle. Blocks of one model batch keep the first output rows early: 64-file blocks
-    made ViT-B/16's first rows wait for 4 batches, and `from_items`' even split (300 files
-    into blocks of 30 for batches of 32) had Ray Data bundle two blocks into each actor call.
+    Each block is one read/decode task. Image files go `batch` to a block for the first four
+    blocks, so the first rows come after one model batch, then `block` to a block: Ray Data's
+    cost is per task (dispatch, metadata, scheduling on the driver), and 32-file blocks made
+    it the driver's main work (~1.6 ms per image). Containers go one to a block.
     """
     items = [{"id": e.id, "uri": e.uri, "kind": e.kind,
-              "meta": json.dumps({"source": e.id, "passthrough": e.passthrough})} for e in entries]
-    per_block = files_per_block if entries[0].kind == "file" else 1
-    return ray.data.from_arrow([pa.Table.from_pylist(items[i:i + per_block]) for i in range(0, len(items), per_block)])
+              "meta": json.dumps({"source": e.id, "index": i, "passthrough": e.passthrough})} for i, e in todo]
+    if todo[0][1].kind != "file":
+        bounds = list(range(len(items) + 1))
+    else:
+        first = min(len(items), 4 * batch)
+        bounds = list(range(0, first, batch)) + list(range(first, len(items), block)) + [len(items)]
+    return ray.data.from_arrow([pa.Table.from_pylist(items[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a])
 
 
 def read_batch(batch: dict[str, np.ndarray], *, options: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
@@ -85,17 +91,18 @@ def read_batch(batch: dict[str, np.ndarray], *, options: ReadOptions) -> Iterato
         else:  # a container's rows come from the container entry itself: source = its id
             reader = {"tar": read_tar, "parquet": read_parquet, "azureml": read_azureml}[kind]
             rows = _Announced(reader(uri, options))
+            index = json.loads(meta)["index"]
             previous, count = None, 0
             for row in rows:
                 if previous is not None:
-                    out.add(*_container_row(id_, *previous))
+                    out.add(*_container_row(id_, index, *previous))
                 previous, count = row, count + 1
                 yield from out.full()
             total = count if rows.total is None else rows.total
             if previous is None and total:  # rows announced, none yielded: no row would carry the count
                 previous = (id_, b"", _error("internal", f"reader announced {total} rows but yielded none"), {})
             if previous is not None:
-                out.add(*_container_row(id_, *previous, total=total))
+                out.add(*_container_row(id_, index, *previous, total=total))
         yield from out.full()
     yield from out.rest()
 
@@ -111,25 +118,12 @@ class _Announced:
         self.total = yield from self.rows
 
 
-def _container_row(source: str, row_id: str, data: bytes, error: str, passthrough: dict,
+def _container_row(source: str, index: int, row_id: str, data: bytes, error: str, passthrough: dict,
                    total: int | None = None) -> tuple[str, bytes, str, str]:
-    meta = {"source": source, "passthrough": passthrough}
+    meta = {"source": source, "index": index, "passthrough": passthrough}
     if total is not None:
         meta["rows"] = total
     return row_id, data, error, json.dumps(meta)
-
-
-def unpack_meta(table, passthrough: tuple[str, ...]):
-    """On the driver: replaces `meta` by `source` and the passthrough columns.
-
-    Returns:
-        (table, {container id: its row count} for the containers whose last row is here).
-    """
-    metas = [json.loads(m) for m in table.column("meta").to_pylist()]
-    table = table.drop_columns(["meta"]).append_column("source", pa.array([m["source"] for m in metas], pa.string()))
-    for name in passthrough:
-        table = table.append_column(name, pa.array([m["passthrough"].get(name) for m in metas], pa.string()))
-    return table, {m["source"]: m["rows"] for m in metas if "rows" in m}
 
 
 class _Batcher:
@@ -204,7 +198,7 @@ def read_tar(uri: str, options: ReadOptions) -> Generator[tuple[str, bytes, str,
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             sample = None
             for member in tar:
-                if member.isdir():
+                if member.isdir() or listing.hidden(member.name):  # macOS `._x.jpg`, `__MACOSX/`, `.thumbs/`
                     continue
                 key, ext = _split_key(member.name)
                 if sample is not None and key != sample.key:
@@ -277,7 +271,7 @@ class _Sample:
 def _sample_rows(uri: str, sample: _Sample, ids: _Ids,
                  options: ReadOptions) -> Iterator[tuple[str, bytes, str, dict]]:
     """The rows of a sample, each with the sample's passthrough values."""
-    passthrough = {c: sample.values[c][1].decode("utf-8", "replace") if c in sample.values else None
+    passthrough = {c: sample.values[c][1].decode("utf-8", "replace").strip() if c in sample.values else None
                    for c in options.passthrough}
     for row_id, data, error in sample.rows:
         yield ids.take(f"{uri}#{row_id}"), data, error, passthrough
@@ -312,6 +306,7 @@ def read_parquet(uri: str, options: ReadOptions) -> Iterator[tuple[str, bytes, s
 
     columns = list(dict.fromkeys([options.image_column, *filter(None, [options.id_column]), *options.passthrough]))
     row, total = 0, None
+    first_row: dict[str, int] = {}  # id_column value -> the row that used it first
     try:
         fs, path = fsutil.resolve(uri)
         with fs.open(path, "rb") as f:
@@ -326,9 +321,15 @@ def read_parquet(uri: str, options: ReadOptions) -> Iterator[tuple[str, bytes, s
                 for i, data in enumerate(images.to_pylist()):
                     passthrough = {c: None if v[i] is None else str(v[i]) for c, v in extra.items()}
                     error = "" if data else _error("read.no_image", f"no image bytes in column {options.image_column!r}")
+                    row_id = f"{uri}#{row}"
                     if options.id_column and ids[i] is None:
                         error = error or _error("read.bad_id", f"null id in column {options.id_column!r}")
-                    row_id = str(ids[i]) if ids[i] is not None else f"{uri}#{row}"
+                    elif options.id_column and str(ids[i]) in first_row:
+                        error = error or _error("read.bad_id", f"id {str(ids[i])!r} in column {options.id_column!r} "
+                                                               f"repeats row {first_row[str(ids[i])]} of this file")
+                    elif options.id_column:
+                        row_id = str(ids[i])
+                        first_row[row_id] = row
                     yield row_id, data or b"", error, passthrough
                     row += 1
     except Exception as e:  # noqa: BLE001 - keep one row per listed Parquet row, flagged
@@ -346,8 +347,9 @@ def read_azureml(uri: str, options: ReadOptions) -> Iterator[tuple[str, bytes, s
     except Exception as e:  # noqa: BLE001 - the whole file is one error row
         yield uri, b"", _error("read.bad_container", f"not an Azure ML image request: {type(e).__name__}: {e}"), {}
         return
+    ids = _Ids()
     for index, value in items:
-        row_id = f"{uri}#{index}"
+        row_id = ids.take(f"{uri}#{index}")  # a repeated 'index' entry: `#<index>~2`
         if not isinstance(value, str):
             yield row_id, b"", _error("read.no_image", f"expected a base64 image or a URL, got {type(value).__name__}"), {}
         elif value.startswith(_URL_PREFIXES):

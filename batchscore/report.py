@@ -12,18 +12,18 @@ import collections
 
 import pyarrow.compute as pc
 
-from batchscore import sink
+from batchscore.output import STAGING, SUCCESS, SinkError, read_committed, read_manifest
 
 TOP_LABELS = 20
 
 
 def inspect_output(output: str) -> dict:
     """The report of the committed run in `output`; raises `SinkError` when nothing is committed."""
-    manifest = sink.read_manifest(output)
+    manifest = read_manifest(output)
     if manifest is None:
-        raise sink.SinkError(f"{output}: no committed run ({sink.SUCCESS} is missing); "
-                             f"a run in progress or one that failed keeps its files under {sink.STAGING}/")
-    table = sink.read_committed(output)
+        raise SinkError(f"{output}: no committed run ({SUCCESS} is missing); "
+                             f"a run in progress or one that failed keeps its files under {STAGING}/")
+    table = read_committed(output)
     errors = table.column("error_code")
     error_rows = table.num_rows - errors.null_count
     by_code = collections.Counter(c for c in errors.to_pylist() if c is not None)

@@ -29,7 +29,7 @@ class RunResult:
         return self.rows - self.errors
 
     def to_arrow(self):
-        from batchscore.sink import read_committed
+        from batchscore.output import read_committed
 
         return read_committed(self.output)
 

@@ -2,8 +2,9 @@
 
 The newest staged run under `<output>/_staging/` is continued when it was started with the
 same result-affecting settings and weights (its `_run.json` fingerprint); otherwise resuming
-is refused with the settings that differ. Its part files are checked: a part without a
-valid Parquet footer was being written when the run died and is deleted. The rows kept are
+is refused with the settings that differ. Its part files are checked from their footers
+only (the statistics the workers stored there): a part without them was being written when
+the run died and is deleted. The rows kept are
 those of *complete* inputs only:
 
     image file           its one row
@@ -19,13 +20,16 @@ rewritten without them), so the committed result has exactly the rows of a clean
 
 from __future__ import annotations
 
-import collections
 import logging
-from dataclasses import dataclass, field
 
-from batchscore import listing, sink
-from batchscore.budget import ErrorBudget
+import pyarrow as pa
+
+from batchscore import write
 from batchscore.config import ScoreConfig
+from batchscore.listing import Entry
+from batchscore.output import SCHEMA_NAME
+from batchscore.run import Coverage, Run
+from batchscore.staging import RUN_INFO, StagedRun, staged_runs
 
 log = logging.getLogger("batchscore")
 
@@ -41,35 +45,20 @@ class ResumeError(RuntimeError):
 
 def fingerprint(config: ScoreConfig, weights_sha256: str) -> dict:
     settings = config.to_dict()
-    return {"schema": "batchscore.predictions.v1", "weights_sha256": weights_sha256,
+    return {"schema": SCHEMA_NAME, "weights_sha256": weights_sha256,
             **{k: settings[k] for k in RESULT_SETTINGS}}
 
 
-@dataclass
-class Kept:
-    """What a resumed run keeps: counted into the run's totals and checks."""
-
-    run_id: str
-    rows: int = 0
-    parts_kept: int = 0
-    parts_rewritten: int = 0
-    parts_broken: int = 0
-    complete: set[str] = field(default_factory=set)
-    ids: set[str] = field(default_factory=set)
-    sources: collections.Counter = field(default_factory=collections.Counter)
-    container_rows: dict[str, int] = field(default_factory=dict)
-
-
-def latest(output: str, expected: dict) -> sink.StagedRun | None:
+def latest(output: str, expected: dict) -> StagedRun | None:
     """The newest staged run of `output`, if any; raises `ResumeError` if it is incompatible."""
-    runs = sink.staged_runs(output)
+    runs = staged_runs(output)
     if not runs:
         return None
     run = runs[-1]
     found = run.info.get("fingerprint")
     if found != expected:
         if not found:
-            raise ResumeError(f"cannot resume run {run.run_id} in {output}: its {sink.RUN_INFO} is missing or "
+            raise ResumeError(f"cannot resume run {run.run_id} in {output}: its {RUN_INFO} is missing or "
                               "unreadable; run without --resume to start a new run")
         diff = {k: (found.get(k), expected.get(k)) for k in sorted(set(found) | set(expected))
                 if found.get(k) != expected.get(k)}
@@ -79,47 +68,69 @@ def latest(output: str, expected: dict) -> sink.StagedRun | None:
     return run
 
 
-def adopt(run: sink.StagedRun, writer: sink.StagedWriter, entries: list[listing.Entry],
-          budget: ErrorBudget) -> Kept:
-    """Keeps the complete inputs' rows of `run` in `writer` (staging of the same run id)."""
-    kept = Kept(run.run_id, parts_broken=len(run.broken))
-    for name in run.broken:
+def adopt(staged: StagedRun, run: Run) -> list[tuple[int, Entry]]:
+    """Keeps the complete inputs' rows of `staged` in `run` (the same run id and staging);
+    returns the (index, entry) pairs still to score."""
+    entries, staging = run.entries, run.staging
+    for name in staged.broken:
         log.warning("resume: discarding half-written part %s", name)
-        writer.fs.rm(f"{writer.staging}/{name}")
-    listed = {e.id: e for e in entries}
-    counts: collections.Counter[str] = collections.Counter()
-    failed: set[str] = set()
-    columns = {}  # part name -> its id, source and error columns, read once
-    for part in run.parts:
-        t = sink.read_staged_part(writer, part, ["id", "source", "error"])
-        columns[part.name] = t
-        sources, errors = t.column("source").to_pylist(), t.column("error").to_pylist()
-        counts.update(sources)
-        failed.update(s for s, e in zip(sources, errors) if e is not None)
-    for source, n in counts.items():
-        entry = listed.get(source)
-        expected = None if entry is None else entry.rows if entry.rows is not None else run.container_rows.get(source)
-        if expected == n and source not in failed:
-            kept.complete.add(source)
-    kept.container_rows = {s: n for s, n in run.container_rows.items() if s in kept.complete}
-    for part in run.parts:
-        table = columns[part.name]
-        mask = [s in kept.complete for s in table.column("source").to_pylist()]
-        if all(mask):
-            kept.parts_kept += 1
-        else:  # drop the incomplete inputs' rows: read, delete, write again (a crash here only costs work)
-            full = sink.read_staged_part(writer, part).filter(mask)
-            sink.drop_staged_part(writer, part.name)
-            table = table.filter(mask)
-            if full.num_rows:
-                writer.write(full.drop_columns(["model", "run_id"]), kept.container_rows)
-            kept.parts_rewritten += 1
-        ids, errors = table.column("id").to_pylist(), table.column("error").to_pylist()
-        kept.rows += len(ids)
-        kept.ids.update(ids)
-        kept.sources.update(table.column("source").to_pylist())
-        budget.add(ids, errors)
-    log.info("resume: run %s keeps %d rows of %d complete inputs (%d parts kept, %d rewritten, %d half-written "
-             "discarded)", run.run_id, kept.rows, len(kept.complete), kept.parts_kept, kept.parts_rewritten,
-             kept.parts_broken)
-    return kept
+        staging.drop_part(name)
+    held, failed = Coverage(), Coverage()
+    for stats in staged.parts:
+        held.add(stats)
+        for a, b in stats["failed"]:
+            failed.add_range(a, b)
+    complete = _complete(entries, held, failed, run.containers)
+    rewritten = 0
+    for stats in staged.parts:
+        inputs = [int(k) for k in stats["containers"]] + [i for a, b in stats["files"] for i in range(a, b)]
+        if all(i in complete for i in inputs):
+            run.keep(stats)
+            continue
+        rewritten += 1
+        kept = _rewrite(stats, complete, run, held)
+        if kept is not None:
+            run.keep(kept)
+    todo = [(i, e) for i, e in enumerate(entries) if i not in complete]
+    log.info("resume: run %s keeps %d rows of %d complete inputs (%d parts, %d rewritten without incomplete "
+             "inputs, %d half-written discarded)", run.run_id, run.kept_rows, len(complete), len(staged.parts),
+             rewritten, len(staged.broken))
+    run.resumed = {"parts_rewritten": rewritten, "parts_discarded": len(staged.broken)}
+    return todo
+
+
+def _complete(entries: list[Entry], held: Coverage, failed: Coverage, containers: bool) -> set[int]:
+    """Indexes of the inputs whose rows are all in the staged parts, none an error."""
+    if not containers:
+        return {i for i in range(len(entries)) if held.covers(i) and not failed.covers(i)}
+    done = set()
+    for i, e in enumerate(entries):
+        rows, announced = held.containers.get(i, (0, None))
+        expected = e.rows if e.rows is not None else announced
+        if expected is not None and rows == expected and not failed.covers(i):
+            done.add(i)
+    return done
+
+
+def _rewrite(stats: dict, complete: set[int], run: Run, held: Coverage) -> dict | None:
+    """Rewrites a part without the rows of incomplete inputs; its new statistics, or None if
+    nothing is left. (Read, write the rest, then delete: a crash here only costs work.)"""
+    staging = run.staging
+    index = {e.id: i for i, e in enumerate(run.entries)}
+    table = staging.read_part(stats["name"])
+    sources = table.column("source").to_pylist()
+    keep = [s in index and index[s] in complete for s in sources]
+    table = table.filter(pa.array(keep))
+    result = None
+    if table.num_rows:
+        metas = [{"index": index[s]} for s, k in zip(sources, keep) if k]
+        for m in metas:
+            announced = held.containers.get(m["index"], (0, None))[1]
+            if announced is not None:
+                m["rows"] = announced
+        result = write.put_part(staging.fs, staging.dir, run.run_id, table,
+                                write.statistics(table, metas, run.containers))
+        if result["name"] == stats["name"]:
+            return result
+    staging.drop_part(stats["name"])
+    return result

@@ -59,6 +59,11 @@ def start_local_ray(**kwargs) -> None:
     ray.init(address="local", _node_ip_address="127.0.0.1", _system_config=system, **kwargs)
 
 
+# CPUs of each write task (batchscore.write): short, mostly waiting on storage. Small, so a
+# write is never held back by the decode tasks and the model actors that fill a node.
+WRITE_CPUS = 0.05
+
+
 @dataclass(frozen=True)
 class ActorResources:
     cpus: float
@@ -94,8 +99,8 @@ def actor_resources(config: ScoreConfig) -> ActorResources:
     elif gpus > 0:
         cpus = 1.0
     else:
-        # CPU inference: the model takes what one decode task leaves, split over the pool.
-        cpus = max(1.0, (cluster.get("CPU", 1.0) - config.decode_cpus) / config.actors[1])
+        # CPU inference: the model takes what one decode and one write task leave, split over the pool.
+        cpus = max(1.0, (cluster.get("CPU", 1.0) - config.decode_cpus - WRITE_CPUS) / config.actors[1])
     if cpus == config.decode_cpus:
         raise ConfigError(
             f"cpus_per_actor ({cpus:g}) must differ from decode_cpus ({config.decode_cpus:g}): "

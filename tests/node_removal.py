@@ -1,6 +1,7 @@
 """Helper for test_faults.py (run as its own process): a Ray cluster on loopback
-(`ray.cluster_utils.Cluster`: a head and two scoring nodes), a scoring run, and the node of
-one inference actor removed mid-run, then replaced.
+(`ray.cluster_utils.Cluster`: a head without CPUs and two scoring nodes), a scoring run, and
+the node of one inference actor removed mid-run, then replaced. It also reports which nodes
+wrote the committed part files (workers write them; the head, where the driver runs, never).
 
     python tests/node_removal.py INPUT_DIR OUTPUT_DIR CHECKPOINT RESULT_JSON
 
@@ -46,6 +47,7 @@ def main(inputs: str, output: str, checkpoint: str, result_json: str) -> None:
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address)
+    head = ray.get_runtime_context().get_node_id()
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     try:
         config = ScoreConfig(input=(inputs,), output=output, model=checkpoint, dtype="fp32", top_k=3, batch_size=8,
@@ -82,6 +84,11 @@ def main(inputs: str, output: str, checkpoint: str, result_json: str) -> None:
             "rows": None if frame is None else len(frame),
             "unique_ids": None if frame is None else int(frame["id"].nunique()),
             "errors": None if frame is None else int(frame["error"].notna().sum()),
+            # workers write: every committed part was written on a scoring node, none on the head
+            "parts": None if result is None else len(result.files),
+            "part_nodes": None if result is None else sorted({f["node"] for f in json.loads(
+                Path(result.manifest_uri).read_text())["files"]} - {None}),
+            "head": head, "scoring_nodes": [n["NodeID"] for n in ray.nodes() if n["NodeID"] != head],
         }))
     finally:
         ray.shutdown()

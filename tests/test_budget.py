@@ -57,7 +57,7 @@ def test_blown_budget_stops_early(ray_session, tmp_path, photos, checkpoints):
     out = tmp_path / "out"
     with pytest.raises(ErrorBudgetExceeded, match="stopped early"):
         pipeline.score(ScoreConfig(input=(str(d),), output=str(out), model=str(checkpoints["vit"]),
-                                   max_error_fraction=0.1, decode_batch_size=16, batch_size=16))
+                                   max_error_fraction=0.1, decode_batch_size=16, batch_size=16, rows_per_file=16))
     summary = staged_summary(out)
     print(f"FIGURE budget 0.1 over 305 inputs: stopped after {summary['rows_seen']} rows, {summary['errors']} errors")
     assert summary["aborted_early"] and summary["rows_seen"] < 305 and summary["errors"] > 30
@@ -66,12 +66,12 @@ def test_blown_budget_stops_early(ray_session, tmp_path, photos, checkpoints):
 
 def test_budget_arithmetic():
     b = ErrorBudget(0.1, expected_rows=100)
-    b.add([f"i{n}" for n in range(10)], ["decode.corrupt: x"] * 10)
+    b.add_counts(10, 10, {"decode.corrupt": 10}, [{"id": f"i{n}", "error": "decode.corrupt: x"} for n in range(10)])
     assert not b.blown_early() and b.blown()  # 10 of 10 so far, but 10 <= 0.1 x 100 is still possible
-    b.add(["i10"], ["read.failed: y"])
-    assert b.blown_early() and b.by_code == {"decode.corrupt": 10, "read.failed": 1}
+    b.add_counts(1, 1, {"read.failed": 1}, [{"id": "i10", "error": "read.failed: y"}])
+    assert b.blown_early() and b.by_code == {"decode.corrupt": 10, "read.failed": 1} and len(b.examples) == 11
     unknown = ErrorBudget(0.5, expected_rows=None)
-    unknown.add(["a", "b", "c"], [None, "read.failed: z", None])
+    unknown.add_counts(3, 1, {"read.failed": 1}, [{"id": "b", "error": "read.failed: z"}])
     assert not unknown.blown_early() and not unknown.blown()
 
 

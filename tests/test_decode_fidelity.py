@@ -153,6 +153,13 @@ def test_sixteen_bit_greyscale_keeps_its_content(fmt, case, to16, tolerance):
     assert got.mean() > 0.5 * want.mean()  # not turned black (`>> 8` gave all zeros for 0-255)
 
 
+def test_float_images_in_zero_to_one_are_scaled_not_black():
+    grey = _grey_photo().astype(np.float32)
+    unit = decode.decode_one(encode(Image.fromarray(grey / 255.0, mode="F"), "TIFF"), spec(48, 64), 10**8)
+    full = decode.decode_one(encode(Image.fromarray(grey, mode="F"), "TIFF"), spec(48, 64), 10**8)
+    assert np.abs(unit.astype(int) - full.astype(int)).max() <= 1 and full.mean() > 50
+
+
 def test_sixteen_bit_rule_on_a_ramp():
     ramp = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
     assert decode.scale_to_8bit(ramp).max() == 255 and decode.scale_to_8bit(ramp).min() == 0
@@ -170,6 +177,11 @@ def test_formats_setting_narrows_and_widens_the_allowlist(tmp_path):
         decode.decode_one(ppm, spec(), 10**8)
     assert info.value.code == "decode.unsupported_format"
     assert decode.decode_one(ppm, spec(), 10**8, formats=formats.DEFAULT_FORMATS + ("PPM",)).any()
+    # an MPO is a JPEG (its first picture) to a user who allowed JPEG; names in any case, aliases
+    mpo = encode(photo(), "MPO", save_all=True, append_images=[photo(0).resize(photo().size)])
+    assert decode.decode_one(mpo, spec(), 10**8, formats=("JPEG",)).any()
+    assert ScoreConfig(formats=["jpg", "heic", ".tif", "png"]).formats == ("JPEG", "HEIF", "TIFF", "PNG")
+    assert ScoreConfig(formats="jpeg,png").formats == ("JPEG", "PNG")
     # listing takes the endings of the allowed formats, case-insensitive, .mpo included
     for name in ("a.JPG", "b.mpo", "c.heic", "d.avif", "e.ppm"):
         (tmp_path / name).write_bytes(jpeg)

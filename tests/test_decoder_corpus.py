@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from batchscore import pipeline, sink
+from batchscore import pipeline, output as sink
 from batchscore.config import ScoreConfig
 from batchscore.errors import CODES
 

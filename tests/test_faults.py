@@ -86,7 +86,8 @@ def test_killed_inference_actor_is_restarted_and_its_batch_retried(reference, tm
 
 
 def test_removed_worker_node_costs_nothing(inputs, checkpoints, tmp_path):
-    """In its own process: the session's Ray stays as it is."""
+    """In its own process: the session's Ray stays as it is. Also the multi-node proof that
+    workers write the part files (on the scoring nodes; the driver's head has no CPUs)."""
     result = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(HERE / "node_removal.py"), str(inputs), str(tmp_path / "out"),
                            str(checkpoints["vit"]), str(result)], capture_output=True, text=True, timeout=900,
@@ -98,6 +99,9 @@ def test_removed_worker_node_costs_nothing(inputs, checkpoints, tmp_path):
     # Head, two scoring nodes; then head, the survivor and the replacement.
     assert got["nodes_before"] == 3 and got["nodes_after"] == 3 and got["removed_node_dead"]
     assert got["rows"] == got["unique_ids"] == 240 and got["errors"] == 0
+    # Workers write the parts: every committed part was written on a scoring node, not the head.
+    assert got["parts"] >= 2 and got["part_nodes"] and set(got["part_nodes"]) <= set(got["scoring_nodes"])
+    assert got["head"] not in got["part_nodes"]
 
 
 def test_killed_driver_leaves_no_success_and_resume_completes_the_same_rows(ray_session, reference, tmp_path):

@@ -14,7 +14,7 @@ import uuid
 import pytest
 from conftest import small_photos
 
-from batchscore import pipeline, sink
+from batchscore import pipeline, output as sink
 from batchscore.cli import EXIT_BUSY
 from batchscore.config import ScoreConfig
 from batchscore.lease import LEASE, Lease, OutputBusy

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchscore import listing, pipeline, read, sink
+from batchscore import listing, pipeline, read, output as sink
 from batchscore.config import ScoreConfig
+from batchscore.staging import RUN_INFO
 
 from conftest import put, small_photos
 
@@ -172,7 +173,7 @@ def test_a_committed_runs_own_files_in_an_input_folder_are_not_listed(underscore
     staging = folder / "scores" / sink.STAGING / result.run_id
     staging.mkdir(parents=True)
     (staging / "_errors.json").write_text("{}")
-    (staging / sink.RUN_INFO).write_text("{}")
+    (staging / RUN_INFO).write_text("{}")
     own = [p for p in (folder / "scores").rglob("*") if p.is_file() and not p.name.endswith(".parquet")]
     assert {p.name for p in own} >= {sink.SUCCESS, sink.MANIFEST, f"{result.run_id}.json", "_errors.json"}
     for fmt in ("auto", "azureml"):
@@ -208,3 +209,29 @@ def test_a_glob_that_matches_nothing_still_errors(tmp_path):
         listing.list_inputs(ScoreConfig(input=(str(tmp_path / "in" / "*.jpg"),)))
     with pytest.raises(listing.ListingError, match="no such file or directory"):
         listing.list_inputs(ScoreConfig(input=(str(tmp_path / "in" / "missing.jpg"),)))
+
+
+def test_a_glob_matching_folders_lists_them_whole(tmp_path):
+    """`images/dt=2026-11-*` is how partitions are named: the folders it matches are listed
+    recursively (their hidden files still skipped), not refused as 'matched no file'."""
+    root = str(tmp_path / "images")
+    write_tree(root, {**jpegs(["dt=2026-11-01/a.jpg", "dt=2026-11-02/sub/b.jpg", "dt=2026-10-31/c.jpg"],
+                              tmp_path / "scratch"), "dt=2026-11-02/.DS_Store": b"x"})
+    assert ids(ScoreConfig(input=(f"{root}/dt=2026-11-*",))) == [
+        uri_of(root, "dt=2026-11-01/a.jpg"), uri_of(root, "dt=2026-11-02/sub/b.jpg")]
+
+
+def test_symbolic_links_to_files_are_files_in_folders_and_globs(tmp_path, caplog):
+    """A Hugging Face / DVC cache is a folder of links to blobs: each link is its file, under
+    its own path, whether the folder or a glob names it; a link to a folder is not followed,
+    and the log says so."""
+    real = tmp_path / "blobs"
+    write_tree(str(real), jpegs(["a1"], tmp_path / "scratch"))
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "a.jpg").symlink_to(real / "a1")
+    (tmp_path / "snap" / "more").symlink_to(real, target_is_directory=True)
+    assert ids(ScoreConfig(input=(str(snap / "*.jpg"),))) == [str(snap / "a.jpg")]
+    with caplog.at_level(logging.WARNING, logger="batchscore.listing"):
+        assert ids(ScoreConfig(input=(str(snap),))) == [str(snap / "a.jpg")]
+    assert "not following" in caplog.text and "more" in caplog.text

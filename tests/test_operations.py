@@ -19,7 +19,7 @@ import yaml
 from conftest import put, small_photos
 
 import batchscore
-from batchscore import schedule, sink
+from batchscore import schedule, output as sink
 from batchscore.config import ConfigError, ScoreConfig
 from batchscore.emulators import free_port
 

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import batchscore
-from batchscore import listing, models, pipeline, read, runtime, sink
+from batchscore import listing, models, pipeline, read, runtime, write
+from batchscore import output as sink
 from batchscore.config import ConfigError, ScoreConfig
 
 ROOT = Path(__file__).parent.parent
@@ -149,16 +150,18 @@ def test_local_ray_keeps_idle_workers_beyond_the_cpu_count(ray_session):
 def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, photos, monkeypatch):
     config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]))
     info = models.resolve(config.model)
-    entries = listing.list_inputs(config)
+    todo = list(enumerate(listing.list_inputs(config)))
+    part = write.PartSpec(output="unused", run_id="r", model=info.tag)
 
     def physical_plan() -> str:
-        pipeline.build_dataset(config, info, entries).explain()
+        pipeline.build_dataset(config, info, todo, part).explain()
         return capsys.readouterr().out.split("Physical Plan (Optimized) --------")[1]
 
     plan = physical_plan()
     print(plan)
     assert "TaskPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)]" in plan
     assert "ActorPoolMapOperator[MapBatches(Predictor)]" in plan
+    assert "TaskPoolMapOperator[MapBatches(write_part)]" in plan  # workers write, not the actor
     # Negative control: with equal remote args Ray does fuse decode into the model actor (the
     # actor's runtime env, which alone would keep them apart, is off when the user sets OpenMP's).
     monkeypatch.setattr(pipeline, "actor_resources", lambda c: runtime.ActorResources(cpus=0.5, gpus=0.0))
@@ -167,15 +170,16 @@ def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, pho
     assert "ActorPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
 
 
-def test_each_actor_call_gets_one_read_block_of_one_batch(ray_session):
-    """Blocks of exactly `files_per_block` files, so Ray Data never bundles two into one actor
-    call (an even split of 70 files would give blocks of 24, and two of them per batch of 32)."""
+def test_read_blocks_start_at_one_model_batch_then_grow(ray_session):
+    """The first four blocks hold one model batch each (first rows come early), the rest
+    `block` files (fewer tasks: Ray Data's cost on the driver is per task); order and each
+    input's listing index are kept."""
     entries = [listing.Entry(id=f"f{i}", uri=f"/x/f{i}.jpg", kind="file", rows=1) for i in range(70)]
-    ds = read.dataset(entries, files_per_block=32)
-    assert [len(b["id"]) for b in ds.iter_batches(batch_size=None)] == [32, 32, 6]
-    assert [r["id"] for r in ds.take_all()] == [e.id for e in entries]
-    bundled = ds.map_batches(lambda b: {"n": [len(b["id"])] * len(b["id"])}, batch_size=32)
-    assert sorted(set(bundled.to_pandas()["n"])) == [6, 32]
+    ds = read.dataset(list(enumerate(entries)), batch=8, block=16)
+    assert [len(b["id"]) for b in ds.iter_batches(batch_size=None)] == [8, 8, 8, 8, 16, 16, 6]
+    rows = ds.take_all()
+    assert [r["id"] for r in rows] == [e.id for e in entries]
+    assert [json.loads(r["meta"])["index"] for r in rows] == list(range(70))
 
 
 def test_object_store_is_bounded_per_actor(ray_session, checkpoints, photos, tmp_path):
@@ -184,7 +188,8 @@ def test_object_store_is_bounded_per_actor(ray_session, checkpoints, photos, tmp
     config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]),
                          decoded_queue_mb=48, actors=(1, 3), cpus_per_actor=0.4)
     entries = listing.list_inputs(config)
-    ds = pipeline.build_dataset(config, models.resolve(config.model), entries)
+    ds = pipeline.build_dataset(config, models.resolve(config.model), list(enumerate(entries)),
+                                write.PartSpec(output="unused", run_id="r", model="m"))
     assert ds.context.execution_options.resource_limits.object_store_memory == 48 * 2**20 * 3
     assert ray_session.data.DataContext.get_current().execution_options.resource_limits.object_store_memory != 48 * 2**20 * 3
     # A bound this tight still scores every image (Ray Data always lets one task per stage run).
@@ -201,7 +206,7 @@ def test_equal_decode_and_actor_cpus_are_refused(ray_session):
 
 def test_actor_gets_the_cpus_left_by_decode(ray_session, monkeypatch):
     res = runtime.actor_resources(ScoreConfig())
-    assert (res.cpus, res.gpus) == (1.5, 0.0)  # 2 CPUs in the test cluster, 0.5 for decode
+    assert (res.cpus, res.gpus) == (2 - 0.5 - runtime.WRITE_CPUS, 0.0)  # 2 CPUs in the test cluster, 0.5 for decode
     # Its OpenMP threads sleep rather than spin at barriers, as it shares cores; not on a GPU,
     # and never against the user's own setting.
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -214,18 +219,20 @@ def test_actor_gets_the_cpus_left_by_decode(ray_session, monkeypatch):
 
 
 def test_nothing_is_committed_when_rows_go_missing(ray_session, tmp_path, photos, checkpoints, monkeypatch):
-    """If a stage ever dropped rows, the run must fail instead of committing partial output."""
+    """If a stage ever dropped rows, the run must fail instead of committing partial output:
+    here the rows of two inputs never reach the (real) write stage."""
 
-    def losing_dataset(config, model, entries):
+    def losing_dataset(config, model, todo, part):
         rows = [{"id": e.id, "labels": ["can"], "probs": [0.9], "error": None, "error_code": None,
-                 "meta": json.dumps({"source": e.id, "passthrough": {}})} for e in entries[:-2]]
-        return ray_session.data.from_items(rows)
+                 "meta": json.dumps({"source": e.id, "index": i, "passthrough": {}})} for i, e in todo[:-2]]
+        return ray_session.data.from_items(rows).map_batches(write.write_part, fn_kwargs={"spec": part},
+                                                             batch_format="pyarrow")
 
     monkeypatch.setattr(pipeline, "build_dataset", losing_dataset)
     config = ScoreConfig(input=(str(photos),), output=str(tmp_path / "out"), model=str(checkpoints["vit"]))
     n = len(list(photos.iterdir()))
     with pytest.raises(sink.SinkError, match=rf"expected one row per input \({n} inputs, {n} rows known in advance\) "
-                                             rf"but wrote {n - 2} rows: 2 input\(s\) gave the wrong number of rows"):
+                                             rf"but wrote {n - 2} rows: 2 input\(s\) gave no row"):
         pipeline.score(config)
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     assert not list((tmp_path / "out").glob("*.parquet"))

@@ -65,3 +65,21 @@ def test_backoff_grows(monkeypatch, flaky):
     flaky.script = [OSError("503 Slow Down")] * 3
     read.fetch("flaky:///img.jpg", retries=3)
     assert sleeps == [0.5, 1.0]
+
+
+def test_ids_are_unique_within_a_container(tmp_path):
+    """A Parquet id column that repeats a value: the later row is an error row with its own
+    id `<file>#<row>` (never two rows under one id); a request file's repeated index gets `~2`."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": [b"a", b"b", b"c"], "key": ["k1", "k2", "k1"]}), path)
+    rows = list(read.read_parquet(str(path), read.ReadOptions(id_column="key")))
+    assert [r[0] for r in rows] == ["k1", "k2", f"{path}#2"]
+    assert rows[2][2] == "read.bad_id: id 'k1' in column 'key' repeats row 0 of this file" and rows[2][1] == b"c"
+    request = tmp_path / "r.json"
+    request.write_text(json.dumps({"input_data": {"columns": ["image"], "index": [7, 7], "data": [["eA=="], ["eQ=="]]}}))
+    assert [r[0] for r in read.read_azureml(str(request), read.ReadOptions())] == [f"{request}#7", f"{request}#7~2"]

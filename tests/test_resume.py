@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import small_photos
 
-from batchscore import pipeline, sink
+from batchscore import pipeline
 from batchscore.config import ScoreConfig
 from batchscore.resume import ResumeError
 
@@ -36,9 +36,9 @@ class Died(RuntimeError):
 
 def run_and_die_before_commit(config: ScoreConfig, monkeypatch) -> None:
     """Scores everything into staging, then fails as a driver dying before the commit would."""
-    def commit(writer, manifest, check=lambda: None):
+    def commit(staging, parts, manifest, check=lambda: None):
         raise Died("driver died before the commit")
-    monkeypatch.setattr(sink, "commit", commit)
+    monkeypatch.setattr(pipeline, "commit", commit)
     with pytest.raises(Died):
         pipeline.score(config)
     monkeypatch.undo()
@@ -66,7 +66,7 @@ def test_resume_keeps_complete_parts_discards_a_half_written_one(clean, tmp_path
     assert not (out / "_SUCCESS").exists()
     assert sorted(p.name for p in out.iterdir()) == ["_staging"]  # a failed run leaves nothing else
     parts = sorted(out.glob("_staging/*/part-*.parquet"))
-    assert len(parts) == 120 // 16 + 1
+    assert len(parts) >= 120 // 16  # parts of at most rows_per_file rows, written by the workers
     half = parts[3]
     half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])  # as if the run died writing it
 

@@ -7,25 +7,42 @@ import json
 import pyarrow as pa
 import pytest
 
-from batchscore import sink
+from batchscore import commit, staging, write
+from batchscore import output as sink
 
 
-def run(output, run_id: str, ids: list[str]) -> sink.StagedWriter:
-    writer = sink.StagedWriter(str(output), run_id, {"model": "m@sha256:0", "run_id": run_id}, rows_per_file=2)
-    writer.write(pa.table({"id": ids, "source": ids, "labels": [["a"]] * len(ids), "probs": [[1.0]] * len(ids),
-                           "error": [None] * len(ids), "error_code": [None] * len(ids)}))
-    writer.close()
-    return writer
+class Staged:
+    """A run staged as the workers stage one: parts of two rows written by `write.write_part`."""
+
+    def __init__(self, output, run_id: str, ids: list[str]):
+        self.run_id, self.staging = run_id, staging.Staging(str(output), run_id, info={"run_id": run_id})
+        self.fs = self.staging.fs
+        spec = write.PartSpec(output=str(output), run_id=run_id, model="m@sha256:0")
+        self.parts = []
+        for start in range(0, len(ids), 2):
+            chunk = ids[start:start + 2]
+            batch = pa.table({"id": chunk, "labels": [["a"]] * len(chunk), "probs": [[1.0]] * len(chunk),
+                              "error": [None] * len(chunk), "error_code": [None] * len(chunk),
+                              "meta": [json.dumps({"source": i, "index": start + k, "passthrough": {}})
+                                       for k, i in enumerate(chunk)]},
+                             schema=pa.schema([("id", pa.string()), ("labels", pa.list_(pa.string())),
+                                               ("probs", pa.list_(pa.float32())), ("error", pa.string()),
+                                               ("error_code", pa.string()), ("meta", pa.string())]))
+            self.parts.append(json.loads(write.write_part(batch, spec=spec).column("part")[0].as_py()))
+
+    def commit(self):
+        manifest = {"run_id": self.run_id, "files": [{"name": p["name"], "rows": p["rows"]} for p in self.parts]}
+        return commit.commit(self.staging, [p["name"] for p in self.parts], manifest)
 
 
-def manifest(writer: sink.StagedWriter) -> dict:
-    return {"run_id": writer.run_id, "files": [p.__dict__ for p in writer.parts]}
+def run(output, run_id: str, ids: list[str]) -> Staged:
+    return Staged(output, run_id, ids)
 
 
 def test_overwrite_crash_before_the_commit_point_keeps_the_old_run(tmp_path, monkeypatch):
     out = tmp_path / "out"
     old = run(out, "run-old", ["x", "y", "z"])
-    sink.commit(old, manifest(old))
+    old.commit()
     assert sorted(sink.read_committed(str(out)).column("id").to_pylist()) == ["x", "y", "z"]
 
     new = run(out, "run-new", ["p", "q"])
@@ -38,7 +55,7 @@ def test_overwrite_crash_before_the_commit_point_keeps_the_old_run(tmp_path, mon
 
     monkeypatch.setattr(type(new.fs), "pipe_file", crash_on_success)
     with pytest.raises(OSError, match="driver died here"):
-        sink.commit(new, manifest(new))
+        new.commit()
     monkeypatch.undo()
     # The new parts and manifests are in place, but _SUCCESS still names the old run: readers
     # see exactly the old run, all of it.
@@ -47,11 +64,11 @@ def test_overwrite_crash_before_the_commit_point_keeps_the_old_run(tmp_path, mon
     assert sorted(sink.read_committed(str(out)).column("id").to_pylist()) == ["x", "y", "z"]
 
     again = run(out, "run-again", ["p", "q"])
-    sink.commit(again, manifest(again))
+    again.commit()
     assert sink.read_manifest(str(out))["run_id"] == "run-again"
     assert sorted(sink.read_committed(str(out)).column("id").to_pylist()) == ["p", "q"]
     # Only the committed run's parts remain: the old run's and the crashed commit's are gone.
-    assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(p.name for p in again.parts)
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(p["name"] for p in again.parts)
     assert sorted(p.name for p in (out / "_manifests").iterdir()) == [
         "run-again.json", "run-new.json", "run-old.json"]
 
@@ -59,7 +76,7 @@ def test_overwrite_crash_before_the_commit_point_keeps_the_old_run(tmp_path, mon
 def test_success_naming_a_run_without_its_manifest_is_an_error(tmp_path):
     out = tmp_path / "out"
     w = run(out, "run-a", ["x"])
-    sink.commit(w, manifest(w))
+    w.commit()
     (out / "_SUCCESS").write_text("run-b\n")
     with pytest.raises(sink.SinkError, match="names run 'run-b' but no manifest of that run"):
         sink.read_manifest(str(out))
@@ -69,3 +86,17 @@ def test_nothing_committed_reads_as_none(tmp_path):
     assert sink.read_manifest(str(tmp_path / "empty")) is None
     with pytest.raises(sink.SinkError, match="no committed run"):
         sink.read_committed(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("root", ["local", "memory://bs-glob-test"])
+def test_an_output_with_glob_characters_never_touches_its_look_alike(tmp_path, root):
+    """`out/run[1]` is that folder, not a pattern matching `out/run1`: committing there (which
+    deletes old parts and the staging folder) leaves the look-alike's committed run whole.
+    memory:// shares the object stores' fsspec base class (gcsfs, s3fs)."""
+    base = str(tmp_path) if root == "local" else root
+    plain, brackets = f"{base}/out/run1", f"{base}/out/run[1]"
+    run(plain, "run-a", ["x", "y", "z"]).commit()
+    run(brackets, "run-b", ["p"]).commit()
+    run(brackets, "run-c", ["q"]).commit()  # replaces run-b: deletes its parts and staging
+    assert sorted(sink.read_committed(plain).column("id").to_pylist()) == ["x", "y", "z"]
+    assert sink.read_committed(brackets).column("id").to_pylist() == ["q"]

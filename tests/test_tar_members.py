@@ -2,7 +2,7 @@
 is what its member headers call for, so a member lost on the way fails the run.
 
 The read-level tests run `read.read_batch` in this process on real tars of real pictures,
-then the driver's own accounting (`read.unpack_meta`, `pipeline._check_rows`); two tests run
+then the write stage's statistics and the driver's check (`write.conform`, `run.check_rows`); two tests run
 the whole pipeline (the demo model): the issue's shard scored, and the same loss failing a run.
 """
 
@@ -18,7 +18,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from batchscore import listing, pipeline, read, sink
+from batchscore import errors, listing, pipeline, read, run, write
+from batchscore import output as sink
 from batchscore.config import ScoreConfig
 
 from conftest import small_photos
@@ -59,16 +60,26 @@ def read_shards(folder, passthrough=("cls",)) -> tuple[dict[str, dict], dict[str
     """
     entries = listing.list_inputs(ScoreConfig(input=(str(folder),), input_format="tar", passthrough=passthrough))
     batch = {"id": [e.id for e in entries], "uri": [e.uri for e in entries], "kind": [e.kind for e in entries],
-             "meta": [json.dumps({"source": e.id, "passthrough": e.passthrough}) for e in entries]}
+             "meta": [json.dumps({"source": e.id, "index": i, "passthrough": e.passthrough})
+                      for i, e in enumerate(entries)]}
     batch = {k: np.array(v, dtype=object) for k, v in batch.items()}
     out = list(read.read_batch(batch, options=read.ReadOptions(passthrough=passthrough, batch_size=2)))
-    table = pa.table({c: pa.array([v for b in out for v in b[c]], pa.binary() if c == "data" else pa.string())
-                      for c in ("id", "data", "error", "meta")})
-    table, totals = read.unpack_meta(table, passthrough)
-    ids = table.column("id").to_pylist()
-    pipeline._check_rows(entries, set(ids), collections.Counter(table.column("source").to_pylist()), totals,
-                         len(ids))
-    return {r["id"]: r for r in table.to_pylist()}, totals
+    rows = [dict(zip(("id", "error", "meta"), r)) for b in out for r in zip(b["id"], b["error"], b["meta"])]
+    scored = pa.table({"id": [r["id"] for r in rows], "labels": [None] * len(rows), "probs": [None] * len(rows),
+                       "error": [r["error"] or None for r in rows],
+                       "error_code": [errors.code_of(r["error"]) for r in rows], "meta": [r["meta"] for r in rows]},
+                      schema=pa.schema([("id", pa.string()), ("labels", pa.list_(pa.string())),
+                                        ("probs", pa.list_(pa.float32())), ("error", pa.string()),
+                                        ("error_code", pa.string()), ("meta", pa.string())]))
+    table, stats = write.conform(scored, write.PartSpec(output="unused", run_id="r", model="m",
+                                                        passthrough=passthrough, containers=True))
+    coverage = run.Coverage()
+    coverage.add(stats)
+    run.check_rows(entries, coverage, table.num_rows)  # as the driver checks before a commit
+    totals = {entries[int(i)].id: announced for i, (_, announced) in stats["containers"].items() if announced}
+    data = [d for b in out for d in b["data"]]
+    return {r["id"]: {**r, "error": raw["error"], "data": d}  # the read stage's error: "" for none
+            for r, raw, d in zip(table.to_pylist(), rows, data)}, totals
 
 
 def test_issue_shard_scores_every_image_member(ray_session, tmp_path, pictures):
@@ -239,3 +250,27 @@ def test_truncated_shard_announces_the_rows_it_gives(tmp_path, pictures, cut_in,
     assert list(rows) == [f"{shard}#{n}" for n in kept] + [str(shard)]
     assert rows[str(shard)]["error"].startswith(f"read.bad_container: tar shard unreadable after {samples} samples")
     assert totals == {str(shard): len(kept) + 1}
+
+
+def test_hidden_members_are_skipped_and_passthrough_text_is_stripped(tmp_path, pictures):
+    """A shard made on a Mac carries an AppleDouble `._` twin per file (and `__MACOSX/`): the
+    listing's hidden rule (a path part starting with '.') applies to members too, so they are
+    neither rows nor counted. `echo 9 > x.cls` gives "9", not "9\\n"."""
+    shard = write_tar(tmp_path / "in" / "s.tar", [
+        ("./x.jpg", pictures["a.jpg"]), ("./x.cls", b"9\n"), ("./._x.jpg", b"\x00\x05\x16\x07AppleDouble"),
+        ("__MACOSX/._y.jpg", b"\x00\x05\x16\x07"), (".thumbs/y.jpg", pictures["b.jpg"])])
+    rows, totals = read_shards(tmp_path / "in")
+    assert list(rows) == [f"{shard}#./x.jpg"] and totals == {shard: 1}
+    assert rows[f"{shard}#./x.jpg"]["cls"] == "9"
+
+
+@pytest.mark.parametrize("mode, name", [("w:bz2", "s.tar.bz2"), ("w:xz", "s.tar.xz")])
+def test_compressed_shards_are_shards(tmp_path, pictures, mode, name):
+    path = tmp_path / "in" / name
+    path.parent.mkdir(parents=True)
+    with tarfile.open(path, mode) as tar:
+        info = tarfile.TarInfo("k.jpg")
+        info.size = len(pictures["a.jpg"])
+        tar.addfile(info, io.BytesIO(pictures["a.jpg"]))
+    rows, totals = read_shards(tmp_path / "in")  # listed as a tar shard by its ending, then read
+    assert list(rows) == [f"{path}#k.jpg"] and rows[f"{path}#k.jpg"]["data"] == pictures["a.jpg"]

@@ -1,0 +1,106 @@
+"""Output: the layout of an output directory, its schema, and reading what a run committed.
+
+Layout of an output directory (any fsspec URI):
+
+    _staging/_lease                                  while a run is going (batchscore.lease)
+    _staging/<run_id>/_run.json                      what the run is (config fingerprint), for --resume
+    _staging/<run_id>/part-<run_id>-<hash>.parquet  written by workers while the run is going
+    part-<run_id>-<hash>.parquet                     after commit
+    _manifests/<run_id>.json                         each committed run's manifest, kept
+    _manifest.json                                   the same, for the current run
+    _SUCCESS                                         written last: the committed run's id; the
+                                                     commit point (a single-object write)
+
+Every part holds the schema in `schemas/predictions.v1.json` plus the configured passthrough
+columns (nullable strings, after `run_id`): plain Arrow types only, so pandas, pyarrow, DuckDB
+and polars read them without Ray. Readers trust only the files the manifest lists.
+
+The write side is `batchscore.write` (in workers), the staging area `batchscore.staging`, the
+commit `batchscore.commit`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchscore import fs as fsutil
+
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "predictions.v1.json"
+SCHEMA_NAME = "batchscore.predictions.v1"
+MANIFEST = "_manifest.json"
+MANIFESTS = "_manifests"
+SUCCESS = "_SUCCESS"
+STAGING = "_staging"
+ERRORS = "_errors.json"
+# batchscore's own files and folders in an output: never inputs, wherever a listed folder holds them.
+MARKERS = frozenset({SUCCESS, MANIFEST, MANIFESTS, STAGING})
+
+_TYPES = {"string": pa.string(), "float32": pa.float32(), "int32": pa.int32(), "int64": pa.int64()}
+
+
+class SinkError(RuntimeError):
+    """Output could not be written, does not match the schema, or its rows do not match the inputs."""
+
+
+def load_schema(path: Path = SCHEMA_FILE, passthrough: tuple[str, ...] = ()) -> pa.Schema:
+    """The output Arrow schema, from its JSON description, plus passthrough columns (strings)."""
+    spec = json.loads(path.read_text())
+    fields = [pa.field(f["name"], _arrow_type(f["type"]), nullable=f["nullable"]) for f in spec["fields"]]
+    fields += [pa.field(name, pa.string(), nullable=True) for name in passthrough]
+    return pa.schema(fields, metadata={"batchscore.schema": f"{spec['name']}.v{spec['version']}"})
+
+
+def _arrow_type(name: str) -> pa.DataType:
+    if name.startswith("list<") and name.endswith(">"):
+        return pa.list_(_arrow_type(name[5:-1]))
+    try:
+        return _TYPES[name]
+    except KeyError:
+        raise ValueError(f"schema type {name!r}: expected one of {sorted(_TYPES)} or list<...>") from None
+
+
+def read_manifest(output: str) -> dict | None:
+    """The manifest of the committed run in `output`, or None when nothing is committed.
+
+    `_SUCCESS` names the committed run; its manifest is `_manifests/<run_id>.json` (kept for
+    every committed run). `_manifest.json` is the same document for people and tools, and
+    is trusted only when its run id is the one `_SUCCESS` names.
+
+    Raises:
+        SinkError: `_SUCCESS` names a run whose manifest is missing.
+    """
+    fs, root = fsutil.resolve(output)
+    root = root.rstrip("/")
+    try:
+        run_id = fs.cat_file(f"{root}/{SUCCESS}").decode().strip()
+    except FileNotFoundError:
+        return None
+    for path in (f"{root}/{MANIFESTS}/{run_id}.json", f"{root}/{MANIFEST}"):
+        try:
+            manifest = json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            continue
+        if manifest.get("run_id") == run_id:
+            return manifest
+    raise SinkError(f"{output}: {SUCCESS} names run {run_id!r} but no manifest of that run was found")
+
+
+def read_committed(output: str) -> pa.Table:
+    """The committed rows of `output`, read from exactly the files its manifest lists.
+
+    Raises:
+        SinkError: nothing is committed in `output`.
+    """
+    manifest = read_manifest(output)
+    if manifest is None:
+        raise SinkError(f"{output}: no committed run ({SUCCESS} is missing)")
+    fs, root = fsutil.resolve(output)
+    tables = []
+    for part in manifest["files"]:
+        with fs.open(f"{root.rstrip('/')}/{part['name']}", "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else load_schema().empty_table()
