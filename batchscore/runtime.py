@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 import ray
@@ -21,8 +23,8 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # A private local Ray on loopback; the dashboard is off to keep start-up short.
-        start_local_ray(include_dashboard=False)
+        # A private local Ray on loopback, with only the processes a local run needs.
+        start_local_ray()
     ctx = ray.data.DataContext.get_current()
     # Ray's bars redraw in place; in a log (non-TTY) batchscore's own progress lines stand instead.
     ctx.enable_progress_bars = sys.stderr.isatty()
@@ -51,12 +53,103 @@ def loopback_only() -> None:
 IDLE_WORKER_SECONDS = 60
 
 
-def start_local_ray(**kwargs) -> None:
+# What a local run goes without when no dashboard is asked for (figures:
+# `bench/overhead.py --ray-footprint`). Nothing reads them: the dashboard and the state API
+# (`ray.util.state`, `ray list`) are what consume metrics and task events, and `ray status`
+# is what reads the autoscaler monitor; a single node started by this process has nothing to
+# autoscale.
+LEAN_SYSTEM_CONFIG = {
+    # Workers, raylet and GCS stop recording metrics and pushing them to the metrics agent every
+    # few seconds; the raylet starts the dashboard agent with --disable-metrics-collection.
+    "enable_metrics_collection": False,
+    # Every task and actor call stops sending its state changes to the GCS (the state API's
+    # and the dashboard's task table, `ray timeline`).
+    "task_events_report_interval_ms": 0,
+}
+# The dashboard agent (started by the raylet, which cannot run without it) still gathers the
+# node's process, disk and network stats for the dashboard every 5 s; with no dashboard, once
+# a minute is plenty. Read by the agent only, from the environment it inherits at start.
+LEAN_AGENT_ENV = {"REPORTER_UPDATE_INTERVAL_MS": "60000"}
+
+
+def start_local_ray(*, lean: bool = True, **kwargs) -> None:
     """Starts a private single-node Ray on loopback (kwargs go to `ray.init`); never joins a
-    cluster found on the machine (`address="local"`). Idle workers live IDLE_WORKER_SECONDS."""
+    cluster found on the machine (`address="local"`). Idle workers live IDLE_WORKER_SECONDS.
+
+    With `lean` (the default) and no dashboard asked for (by `include_dashboard=True`), Ray
+    starts only what a local run uses: GCS, raylet (with the runtime env agent, which actors
+    with a `runtime_env` need, and the dashboard agent, which the raylet cannot run without),
+    the log monitor (workers' log lines reach the driver) and the workers. Left out: the dashboard
+    process (with `include_dashboard=False` Ray still starts it, loading only its usage stats
+    module), the autoscaler monitor, usage stats, metrics and task events (LEAN_SYSTEM_CONFIG).
+    With a dashboard asked for, or `lean=False`, Ray starts as it chooses (usage stats off).
+    Connecting to a cluster (`ensure_ray` with RAY_ADDRESS) never comes here.
+    """
     loopback_only()
-    system = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_SECONDS * 1000, **kwargs.pop("_system_config", {})}
-    ray.init(address="local", _node_ip_address="127.0.0.1", _system_config=system, **kwargs)
+    # ray.init turns usage stats off for the clusters it starts (unless a nightly wheel); say
+    # so explicitly, before Ray starts, so every process it starts inherits it.
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    lean = lean and not kwargs.get("include_dashboard")
+    system = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_SECONDS * 1000,
+              **(LEAN_SYSTEM_CONFIG if lean else {}), **kwargs.pop("_system_config", {})}
+    if lean:
+        kwargs["include_dashboard"] = False
+    with _without_head_extras(lean), _environ(LEAN_AGENT_ENV if lean else {}):
+        ray.init(address="local", _node_ip_address="127.0.0.1", _system_config=system, **kwargs)
+
+
+@contextlib.contextmanager
+def _without_head_extras(skip: bool):
+    """While Ray starts: no dashboard process and no autoscaler monitor on the head.
+
+    `ray.init` has no switch for either (`ray start` has `--no-monitor`, and with
+    `include_dashboard=False` the dashboard process still runs its usage stats module), so
+    the two methods of Ray's Node that start them do nothing for the node started here; Ray
+    copes with both missing, as when the dashboard fails to start or a node runs
+    `--no-monitor`. tests/test_runtime_lean.py checks that neither process runs and that
+    actors, runtime envs and Ray Data still work.
+    """
+    if not skip:
+        yield
+        return
+    from ray._private.node import Node
+
+    saved = {name: Node.__dict__.get(name) for name in ("start_api_server", "start_monitor")}
+    if None in saved.values():  # another Ray version: start as Ray does, say so
+        log.warning("this Ray (%s) has no Node.start_api_server/start_monitor: the local Ray starts its "
+                    "dashboard process and autoscaler monitor", ray.__version__)
+        yield
+        return
+
+    def skipped(self, *args, **kwargs) -> None:
+        return None
+
+    with _PATCH_LOCK:
+        for name in saved:
+            setattr(Node, name, skipped)
+        try:
+            yield
+        finally:
+            for name, method in saved.items():
+                setattr(Node, name, method)
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """`values` in os.environ while the block runs (processes started then inherit them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # CPUs of each write task (batchscore.write): short, mostly waiting on storage. Small, so a

@@ -25,7 +25,7 @@ import pytest
 from conftest import real_photo_paths
 from PIL import Image
 
-from batchscore import ScoreConfig, decode, formats, listing, models, pipeline
+from batchscore import ScoreConfig, decode, formats, listing, pipeline
 from batchscore.models import PreprocessSpec
 
 BIG_W, BIG_H = 11648, 8736  # a 100-megapixel medium-format camera frame (101.8 MP)

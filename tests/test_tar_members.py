@@ -8,7 +8,6 @@ the whole pipeline (the demo model): the issue's shard scored, and the same loss
 
 from __future__ import annotations
 
-import collections
 import io
 import json
 import tarfile
