@@ -2,6 +2,12 @@
 
 Flags are generated from `ScoreConfig`'s fields, so every setting a YAML job file can hold is
 also a flag (`top_k` ↔ `--top-k`), and a flag given on the command line wins over the file.
+A list flag may be repeated (`--input a.png --input b.png`) or take several values; either
+way the values add up. Local relative paths in flags are relative to the working directory
+(in a job file, to the job file's folder).
+
+`validate` runs every check a `score` makes before it starts Ray (config, listing, the
+checkpoint's files) in about a second, and exits 2 when one fails.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
+import time
 import types
 import typing
 from typing import Any
@@ -23,34 +31,104 @@ EXIT_BAD_JOB = 2  # bad config, inputs or checkpoint: fix the job, do not retry 
 EXIT_BUDGET = 3  # more error rows than max_error_fraction allows; nothing was committed
 EXIT_FAILED = 4  # the run failed (infrastructure, output); nothing was committed
 EXIT_BUSY = 5  # another run holds the output's lease; nothing was written, retry later
+EXIT_NOT_COMMITTED = 6  # inspect: the output holds no committed run (nothing to report yet)
+
+EXIT_HELP = """exit status:
+  0  committed, or already committed (validate: every check passed; inspect: reported)
+  2  bad job: config, inputs or checkpoint; fix the job, do not retry as is
+  3  error budget exceeded (more error rows than max_error_fraction); nothing committed
+  4  the run failed (infrastructure, output, rows not matching inputs); nothing committed
+  5  another run holds the output's lease; nothing written, retry later
+  6  inspect: the output holds no committed run
+
+Local relative paths in flags are relative to the working directory; in a --config job file,
+to the job file's folder."""
 
 log = logging.getLogger("batchscore")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
 
-    def command():
-        if args.command == "inspect":
-            from batchscore import report
+        def command():
+            if args.command == "inspect":
+                from batchscore import report
 
-            found = report.inspect_output(args.output)
-            print(json.dumps(found, indent=2) if args.json else report.format_report(found))
-            return None
-        config = config_from_args(args)
-        if args.command == "validate":
-            print(json.dumps(config.to_dict(), indent=2))
-            return None
-        if args.command == "demo":
-            from batchscore import demo
+                found = report.inspect_output(args.output)
+                _out(json.dumps(found, indent=2) if args.json else report.format_report(found))
+                return None
+            config = config_from_args(args)
+            if args.command == "validate":
+                return validate(config)
+            if args.command == "demo":
+                from batchscore import demo
 
-            print(demo.run(config).summary())
-            return None
-        from batchscore import pipeline
+                _out(demo.run(config).summary())
+                return None
+            from batchscore import pipeline
 
-        return pipeline.score(config)
+            return pipeline.score(config)
 
-    return _guarded(command, args)
+        return _guarded(command, args)
+    finally:
+        _flush_stdout()  # now, while a reader that went away (`| head`) can still be let go quietly
+
+
+def validate(config: ScoreConfig) -> None:
+    """`batchscore validate`: the checks `score` makes before it starts Ray, without Ray or
+    transformers: input and output set, the inputs listed (count by format), the checkpoint's
+    files (name, labels, weights), top_k against its classes, whether the output is already
+    committed. Each check runs even when another failed. What was checked goes to stderr as
+    `validate: ` lines; on success the resolved config goes to stdout as JSON (the contents
+    of a valid job file). Raises the first failure, as `score` would have."""
+    from batchscore import listing, models, output
+
+    started = time.monotonic()
+    config.require_io()
+    said, failed = [], []
+
+    def checking(what: str, check) -> None:
+        try:
+            said.append(f"{what}: {check()}")
+        except (ConfigError, listing.ListingError, models.ModelError) as e:
+            said.append(f"{what}: FAILED: {e}")
+            failed.append(e)
+
+    def inputs() -> str:
+        templated = [i for i in config.input if "{date}" in i]
+        if templated:
+            return f"{templated} hold {{date}}: listed per date by jobs/nightly.py and jobs/backfill.py, not here"
+        fmt, entries = listing.listed(config)
+        unit = {"files": "image file(s)", "manifest": "image URI(s) from manifest(s)", "tar": "tar shard(s)",
+                "parquet": "Parquet file(s)", "azureml": "Azure ML request file(s)"}.get(fmt, "input(s)")
+        rows = sum(e.rows for e in entries if e.rows is not None) if fmt == "parquet" else None
+        return f"{len(entries)} {unit}, format {fmt}" + (f", {rows} rows" if rows is not None else "")
+
+    def model() -> str:
+        checked = models.check(config.model, allow_pickle=config.allow_pickle)
+        top_k, note = models.top_k_used(config.top_k, checked.labels)
+        return f"{checked.summary()}; top_k {top_k} label(s) per row" + (f" (warning: {note})" if note else "")
+
+    def committed() -> str:
+        if "{date}" in config.output:
+            return f"{config.output} holds {{date}}: one output per date"
+        manifest = output.read_manifest(config.output)
+        if manifest:
+            return f"{config.output} holds committed run {manifest['run_id']}; score is a no-op there unless --overwrite"
+        return f"{config.output} (no committed run)"
+
+    checking("inputs", inputs)
+    checking("model", model)
+    said.append(f"output: {committed()}")
+    seconds = time.monotonic() - started
+    said.append(f"{len(failed)} check(s) FAILED in {seconds:.2f}s" if failed else
+                f"ok: every check before Ray passed in {seconds:.2f}s")
+    for line in said:
+        print(f"validate: {line}", file=sys.stderr)
+    if failed:
+        raise failed[0]
+    _out(json.dumps(config.to_dict(), indent=2))
 
 
 def run_command(argv: list[str], action) -> int:
@@ -71,8 +149,35 @@ def _guarded(command, args: argparse.Namespace) -> int:
         log.error("%s: %s", type(e).__name__, e, exc_info=code == EXIT_FAILED)
         return code
     if result is not None:
-        print(json.dumps(dataclasses.asdict(result), indent=2) if getattr(args, "json", False) else result.summary())
+        _out(json.dumps(dataclasses.asdict(result), indent=2) if getattr(args, "json", False) else result.summary())
     return EXIT_OK
+
+
+def _out(text: str) -> None:
+    """Prints to stdout; a reader that went away (`batchscore ... | head -1`) ends the output
+    quietly instead of with a BrokenPipeError traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _drop_stdout()
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+
+
+def _drop_stdout() -> None:
+    """Points stdout at /dev/null, so what is left in its buffer, and Python's own flush at
+    exit, go nowhere instead of raising again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (tests)
+        pass
 
 
 def _exit_code(e: Exception) -> int:
@@ -80,30 +185,37 @@ def _exit_code(e: Exception) -> int:
     from batchscore.lease import OutputBusy
     from batchscore.listing import ListingError
     from batchscore.models import ModelError
+    from batchscore.report import NotCommitted
     from batchscore.resume import ResumeError
 
     if isinstance(e, (ConfigError, ListingError, ModelError, ResumeError)):
         return EXIT_BAD_JOB
     if isinstance(e, OutputBusy):
         return EXIT_BUSY
+    if isinstance(e, NotCommitted):
+        return EXIT_NOT_COMMITTED
     return EXIT_BUDGET if isinstance(e, ErrorBudgetExceeded) else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchscore", description="Batch image classification on Ray Data.")
+    form = {"epilog": EXIT_HELP, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    parser = argparse.ArgumentParser(prog="batchscore", description="Batch image classification on Ray Data.", **form)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("score", "score images into committed Parquet output"),
-                        ("validate", "check a job's config and print it resolved, as JSON"),
+                        ("validate", "check a job without Ray (config, inputs listed, the checkpoint's files) in "
+                                     "about a second; print the resolved config as JSON on stdout and what was "
+                                     "checked on stderr; exit 2 when a check fails"),
                         ("demo", "score the shipped demo digits with the shipped demo model (always re-scores); "
                                  "print accuracy")):
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, **form)
         p.add_argument("--config", help="YAML job file; flags given here override it")
         if name == "score":
             p.add_argument("--json", action="store_true", help="print the result as JSON")
         _add_config_flags(p)
     p = sub.add_parser("inspect", help="report on the committed run in an output: counts, error codes, labels",
                        description="Report on the committed run in OUTPUT (local or a bucket URI), read from its "
-                                   "manifest and the Parquet files it lists.")
+                                   "manifest and the Parquet files it lists. Exits 6 when OUTPUT holds no "
+                                   "committed run.", **form)
     p.add_argument("output", help="the run's output directory or URI")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
@@ -114,13 +226,19 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     helps = _attribute_docs()
     for f in dataclasses.fields(ScoreConfig):
         flag = "--" + f.name.replace("_", "-")
-        hint, help_ = hints[f.name], helps.get(f.name, "")
+        hint = hints[f.name]
+        listed = typing.get_origin(hint) is tuple or tuple in map(typing.get_origin, typing.get_args(hint))
+        # The default is said in the text: the flag's own default stays None, so an unset flag
+        # never overrides a job file.
+        help_ = helps.get(f.name, "") + (" Repeatable: the values add up." if listed and f.name != "actors" else "")
+        help_ = f"{help_} (default: {_default_text(f.default)})".lstrip()
         if hint is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_)
         elif f.name == "actors":
             parser.add_argument(flag, metavar="MIN[,MAX]", type=_actors, help=help_)
-        elif typing.get_origin(hint) is tuple or tuple in map(typing.get_origin, typing.get_args(hint)):
-            parser.add_argument(flag, nargs="+", metavar=f.name.upper(), help=help_)
+        elif listed:
+            # Repeated flags add up: `--input a.png --input b.png` lists both.
+            parser.add_argument(flag, nargs="+", action="extend", metavar=f.name.upper(), help=help_)
         elif typing.get_origin(hint) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), help=help_)
         else:
@@ -132,6 +250,18 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     if args.config:
         return ScoreConfig.from_yaml(args.config, **overrides)
     return ScoreConfig().with_overrides(**overrides)
+
+
+def _default_text(value: Any) -> str:
+    if value is None or value in ((), ""):
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        if len(value) == 2 and all(isinstance(v, int) for v in value):  # actors
+            return str(value[0]) if value[0] == value[1] else f"{value[0]},{value[1]}"
+        return " ".join(map(str, value))
+    return str(value).replace("%", "%%")
 
 
 def _scalar_type(hint: Any):

@@ -2,16 +2,20 @@
 
 `ScoreConfig` is frozen and typed. It is built from a YAML file (`from_yaml`), a dict
 (`from_dict`) or keyword arguments, and changed only by `with_overrides`, which returns a new
-object. Unknown keys are errors that name the key and the valid ones. Precedence, as in timm:
-explicit flag > YAML file > default here. Its JSON Schema is `schemas/job.schema.json`
+object. Unknown keys are errors that name the key, the closest valid one ("did you mean") and
+all valid ones. Precedence, as in timm: explicit flag > YAML file > default here. Local relative
+paths in a YAML file's `input`, `output` and `model` are relative to that file's folder;
+flags and keyword arguments stay relative to the working directory. Its JSON Schema is `schemas/job.schema.json`
 (a test keeps the two in step), and `to_dict()` is what every run writes into its manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -23,6 +27,10 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet", "manifest", "azureml")
 RESERVED_COLUMNS = ("id", "source", "labels", "probs", "error", "error_code", "model", "run_id")
+# The input formats that have something to pass through: columns, or a tar sample's members.
+PASSTHROUGH_FORMATS = ("manifest", "parquet", "tar")
+# The settings that name a place; in a YAML job file a local relative one is relative to the file.
+PATH_KEYS = ("input", "output", "model")
 
 
 class ConfigError(ValueError):
@@ -45,7 +53,8 @@ class ScoreConfig:
         id_column: parquet: the column holding each row's id; None = `<file>#<row>`.
         uri_column: manifest: the column holding each image's URI.
         passthrough: Input columns carried into the output as strings: manifest or parquet
-            columns, or a tar sample's member of that extension (e.g. `cls`).
+            columns, or a tar sample's member of that extension (e.g. `cls`). Refused for
+            plain image files and Azure ML request files, which have none.
         read_retries: Attempts per read before a transient failure becomes an error row.
         max_error_fraction: Fail the run, committing nothing, when more than this share of
             rows are errors (stopping early once that is certain); 1.0 never fails.
@@ -142,10 +151,7 @@ class ScoreConfig:
             raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
         unknown = sorted(set(data) - set(field_names()))
         if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"valid keys are: {', '.join(field_names())}"
-            )
+            raise ConfigError(f"{where}: {unknown_keys(unknown, 'key')}")
         try:
             return cls(**data)
         except ConfigError as e:
@@ -153,16 +159,24 @@ class ScoreConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ScoreConfig:
-        """Reads a YAML job file; `overrides` (e.g. CLI flags) win over the file."""
+        """Reads a YAML job file; `overrides` (e.g. CLI flags) win over the file.
+
+        Local relative paths in the file's `input`, `output` and `model` are taken relative to
+        the file's folder (and written out absolute), so a job file means the same data from
+        any working directory; URIs, absolute paths and `~` paths are kept as written.
+        `overrides` are not touched: a flag stays relative to the working directory.
+        """
         import yaml
 
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            raise ConfigError(f"config file {path} does not exist (looked for {path.absolute()})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if isinstance(data, dict):
+            data = _relative_to(data, path.absolute().parent)
         return cls.from_dict(data, where=str(path)).with_overrides(**overrides)
 
     def with_overrides(self, **overrides: Any) -> ScoreConfig:
@@ -170,10 +184,7 @@ class ScoreConfig:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         unknown = sorted(set(overrides) - set(field_names()))
         if unknown:
-            raise ConfigError(
-                f"unknown setting(s) {', '.join(map(repr, unknown))}; "
-                f"valid settings are: {', '.join(field_names())}"
-            )
+            raise ConfigError(unknown_keys(unknown, "setting"))
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,6 +203,8 @@ class ScoreConfig:
         clash = sorted(set(self.passthrough) & set(RESERVED_COLUMNS))
         need(not clash, f"passthrough: {clash} would overwrite output columns {list(RESERVED_COLUMNS)}")
         need(len(set(self.passthrough)) == len(self.passthrough), f"passthrough: duplicate names in {list(self.passthrough)}")
+        if self.input_format not in ("auto", *PASSTHROUGH_FORMATS):
+            need(not self.passthrough, passthrough_refused(self.passthrough, f"input_format is {self.input_format}"))
         need(0.0 <= self.max_error_fraction <= 1.0,
              f"max_error_fraction: expected a number from 0 to 1, got {self.max_error_fraction}")
         need(self.read_retries >= 1, f"read_retries: expected a number >= 1, got {self.read_retries}")
@@ -235,6 +248,37 @@ class ScoreConfig:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ScoreConfig)]
+
+
+def unknown_keys(unknown: list[str], noun: str) -> str:
+    """The message for unknown keys: each one with its closest valid key (difflib), then all
+    valid keys: `unknown key(s) 'topk' (did you mean 'top_k'?); valid keys are: ...`."""
+    said = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), field_names(), n=1, cutoff=0.6)
+        said.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    return f"unknown {noun}(s) {', '.join(said)}; valid {noun}s are: {', '.join(field_names())}"
+
+
+def passthrough_refused(passthrough: tuple[str, ...], why: str) -> str:
+    """Why `passthrough` cannot be honoured: the one message for config and listing."""
+    return (f"passthrough {list(passthrough)} refused: passthrough applies to manifest and Parquet columns and tar "
+            f"members, but {why}; drop --passthrough or use a manifest listing the images with those columns")
+
+
+def _relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`data` with each local relative path in `PATH_KEYS` joined to `folder` (absolute)."""
+    def place(value: Any) -> Any:
+        if not isinstance(value, str) or not value or "://" in value or value.startswith("~") or os.path.isabs(value):
+            return value
+        return os.path.normpath(os.path.join(folder, value))
+
+    out = dict(data)
+    for key in PATH_KEYS:
+        if key in out:
+            value = out[key]
+            out[key] = [place(v) for v in value] if isinstance(value, list) else place(value)
+    return out
 
 
 def _coerce_fields(cfg: ScoreConfig) -> None:

@@ -16,7 +16,8 @@ object stores one level of sub-prefixes is listed in parallel; under them, hidde
 path part starting with '.') and batchscore's own output files (`MARKERS`, by name) are
 skipped and counted, and a folder with nothing else is an error. Files that do not belong to
 the chosen format are counted and logged, never dropped silently. Manifest rows are URIs
-read as written. The result is sorted, so the same inputs give the same listing.
+read as written; a manifest without rows (a header only) is an error. `passthrough` is
+refused unless the inputs are manifests, Parquet files or tar shards. The result is sorted, so the same inputs give the same listing.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from batchscore import formats
 from batchscore import fs as fsutil
 from batchscore import output
-from batchscore.config import ScoreConfig
+from batchscore.config import PASSTHROUGH_FORMATS, ScoreConfig, passthrough_refused
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,23 @@ class ListingError(ValueError):
 
 
 def list_inputs(config: ScoreConfig) -> list[Entry]:
-    """Lists every input of `config` as entries of one kind, in a stable order.
+    """Lists every input of `config` as entries of one kind, in a stable order (see `listed`)."""
+    return listed(config)[1]
+
+
+def listed(config: ScoreConfig) -> tuple[str, list[Entry]]:
+    """(input format, entries): `list_inputs`, saying which format was used or detected.
 
     Raises:
         ListingError: An input does not exist or matches nothing, no entry is left, the
-            format cannot be told, or a manifest or Parquet file lacks a configured column.
+            format cannot be told, a manifest has no rows, a manifest or Parquet file lacks
+            a configured column, or `passthrough` is set for inputs that have nothing to pass.
     """
     files = _list_files(config.input)
     fmt = config.input_format if config.input_format != "auto" else _detect(files, config)
+    if config.passthrough and fmt not in PASSTHROUGH_FORMATS:
+        what = "plain image files" if fmt == "files" else f"{fmt} inputs"
+        raise ListingError(passthrough_refused(config.passthrough, f"the inputs {list(config.input)} are {what}"))
     chosen, skipped = [], collections.Counter()
     for uri, size in files:
         if _ending(uri) in _endings(fmt, config):
@@ -100,7 +110,7 @@ def list_inputs(config: ScoreConfig) -> list[Entry]:
     else:
         entries = [Entry(id=uri, uri=uri, kind=fmt, size=size, rows=None) for uri, size in chosen]
     log.info("input format %s: %d %s", fmt, len(entries), "images" if fmt in ("files", "manifest") else "files")
-    return entries
+    return fmt, entries
 
 
 def listing_hash(entries: list[Entry]) -> str:
@@ -144,17 +154,24 @@ def _list_files(inputs: tuple[str, ...]) -> list[tuple[str, int | None]]:
             skipped += left
             if not kept:
                 raise ListingError(f"input {spec!r}: no such path, and the glob matched no file"
-                                   + (f" but {_not_read(left)}" if left else ""))
+                                   + (f" but {_not_read(left)}" if left else "") + _looked(fs, path, spec))
             log.info("input %r: no such path, expanded as a glob: %d file(s)%s", spec, len(kept),
                      f" (in {len(folders)} matched folder(s))" if folders else "")
         else:
-            raise ListingError(f"input {spec!r}: no such file or directory")
+            raise ListingError(f"input {spec!r}: no such file or directory{_looked(fs, path, spec)}")
         for info in kept:
             found.setdefault(fsutil.full_uri(fs, info["name"]), info.get("size"))
     if skipped:
         say = log.warning if skipped["hidden"] else log.info
         say("skipped %s under the inputs", _not_read(skipped))
     return sorted(found.items())
+
+
+def _looked(fs, path: str, spec: str) -> str:
+    """` (looked for /abs/path)` for a local input given relative, where the message would
+    not otherwise say which folder it was relative to."""
+    where = fsutil.full_uri(fs, path)
+    return f" (looked for {where})" if fsutil.is_local(fs) and where != spec else ""
 
 
 def _find(fs, path: str) -> list[dict]:
@@ -286,6 +303,9 @@ def _from_manifests(manifests: list[str], config: ScoreConfig) -> list[Entry]:
     duplicates = 0
     for manifest in manifests:
         rows = _manifest_rows(manifest)
+        if not rows:
+            raise ListingError(f"manifest {manifest}: has no rows (empty, or a header only); expected one row "
+                               f"per image with its URI in column {config.uri_column!r}")
         base = manifest.rsplit("/", 1)[0]
         for n, row in enumerate(rows):
             missing = [c for c in (config.uri_column, *config.passthrough) if c not in row]

@@ -6,6 +6,9 @@ transformers image-processor class, so defaults and legacy forms such as `"size"
 exactly what transformers makes of them), weights from safetensors only. A reference that is
 neither an existing directory nor a bucket URI is an error: batchscore never falls back to a
 hub download, and never runs code shipped with a checkpoint (`trust_remote_code` is never set).
+
+`check` is the cheap part of `resolve`: the checkpoint's files, labels and weights, read
+without transformers or torch (a run does it before Ray starts; `batchscore validate` too).
 """
 
 from __future__ import annotations
@@ -79,6 +82,56 @@ class ModelInfo:
         return f"{self.name}@sha256:{self.weights_sha256[:16]}"
 
 
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """What a checkpoint's own files say, read without transformers or torch (`check`)."""
+
+    ref: str
+    where: str  # the folder or bucket URI that was looked at
+    name: str
+    model_type: str
+    labels: tuple[str, ...]
+    multi_label: bool
+    weights: str  # the weights file: model.safetensors, its index, or pytorch_model.bin
+    weights_format: str  # "safetensors", or "pickle" (only with allow_pickle)
+
+    def summary(self) -> str:
+        return (f"{self.name} ({self.model_type}): {len(self.labels)} labels, weights {self.weights} "
+                f"({self.weights_format}), at {self.where}")
+
+
+def check(ref: str | None, allow_pickle: bool = False) -> CheckpointFiles:
+    """Checks a checkpoint's files, cheaply: without importing transformers or torch, without
+    downloading weights (a bucket folder is listed and its two small JSON files read).
+
+    It is the part of `resolve` that needs neither, so a run learns of a missing folder, a
+    missing `preprocessor_config.json`, pickle-only or absent weights, or a headless
+    `config.json` in well under a second, before Ray starts; `resolve` raises the same
+    `ModelError`s (both go through `_check_files`). What only transformers can tell
+    (how it reads the preprocessing) is left to `resolve`.
+
+    Raises:
+        ModelError: As `resolve` would for the checkpoint's files.
+    """
+    if ref is not None and _is_remote(ref):
+        from batchscore import fs as fsutil
+
+        fs, root = fsutil.resolve(ref)
+        root = root.rstrip("/")
+        try:
+            infos = fs.ls(root, detail=True)
+        except FileNotFoundError:
+            infos = []
+        names = {i["name"].rstrip("/").rsplit("/", 1)[-1] for i in infos if i["type"] == "file"}
+        if not names:
+            raise ModelError(_not_a_folder(ref, ref))
+        return _check_files(ref, ref.rstrip("/"), names, lambda name: fs.cat_file(f"{root}/{name}"), allow_pickle)
+    path = _local_path(ref)
+    if not path.is_dir():
+        raise ModelError(_not_a_folder(ref, path))
+    return _check_files(ref, str(path), _file_names(path), lambda name: (path / name).read_bytes(), allow_pickle)
+
+
 def resolve(ref: str | None, allow_pickle: bool = False) -> ModelInfo:
     """Resolves a model reference to a local checkpoint and reads its metadata.
 
@@ -101,24 +154,65 @@ def resolve(ref: str | None, allow_pickle: bool = False) -> ModelInfo:
         except cache.CacheError as e:
             raise ModelError(str(e)) from None
     else:
-        path = DEMO_CHECKPOINT if ref is None else Path(str(ref).removeprefix("file://")).expanduser()
+        path = _local_path(ref)
     if not path.is_dir():
-        raise ModelError(
-            f"model {ref!r}: expected a local Hugging Face checkpoint directory or a gs:// or s3:// URI of one, "
-            f"but {path} does not exist or is not a directory (batchscore never downloads from a hub)"
-        )
+        raise ModelError(_not_a_folder(ref, path))
+    files = _check_files(ref, str(path), _file_names(path), lambda name: (path / name).read_bytes(), allow_pickle)
+    return ModelInfo(
+        ref="<demo>" if ref is None else str(ref),
+        path=str(path.resolve()),
+        name=files.name,
+        model_type=files.model_type,
+        weights_sha256=_sha256_weights(path, path / files.weights),
+        labels=files.labels,
+        multi_label=files.multi_label,
+        preprocess=preprocess_spec(path),
+        cache_key=cache_key,
+        weights_format=files.weights_format,
+    )
+
+
+def top_k_used(top_k: int, labels: tuple[str, ...]) -> tuple[int, str | None]:
+    """(labels per row a run writes, a warning when `top_k` asks for more classes than there are)."""
+    from batchscore.postprocess import Postprocessor
+
+    k = Postprocessor(tuple(labels), top_k, multi_label=False).k
+    if top_k > len(labels):
+        return k, f"top_k={top_k} but the checkpoint has {len(labels)} classes: using {k}"
+    return k, None
+
+
+def _local_path(ref: str | None) -> Path:
+    return DEMO_CHECKPOINT if ref is None else Path(str(ref).removeprefix("file://")).expanduser()
+
+
+def _file_names(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir() if p.is_file()}
+
+
+def _not_a_folder(ref: str | None, where) -> str:
+    return (f"model {ref!r}: expected a local Hugging Face checkpoint directory or a gs:// or s3:// URI of one, "
+            f"but {where} does not exist or is not a directory (batchscore never downloads from a hub)")
+
+
+def _check_files(ref: str | None, where: str, names: set[str], read, allow_pickle: bool) -> CheckpointFiles:
+    """The checks on a checkpoint folder's files that need neither transformers nor torch.
+
+    `names` are the file names in the folder (`where`), `read(name)` returns one's bytes.
+    The one place these `ModelError` messages are made, for `check` and `resolve` alike.
+    """
     for needed in ("config.json", "preprocessor_config.json"):
-        if not (path / needed).is_file():
-            raise ModelError(f"model {ref!r}: {needed} is missing from {path}")
-    weights = [path / w for w in _SAFETENSORS if (path / w).is_file()]
+        if needed not in names:
+            raise ModelError(f"model {ref!r}: {needed} is missing from {where}")
+    weights = [w for w in _SAFETENSORS if w in names]
     weights_format = "safetensors"
     if not weights:
-        pickles = [w for w in _PICKLE_WEIGHTS if (path / w).is_file()]
+        pickles = [w for w in _PICKLE_WEIGHTS if w in names]
         if not pickles:
-            others = sorted(p.name for p in path.iterdir() if p.name.endswith(_PICKLE_ENDINGS))
+            others = sorted(n for n in names if n.endswith(_PICKLE_ENDINGS))
             hint = (f"; found pickle file(s) {others}, which are not a Hugging Face checkpoint: load them "
                     "yourself and `save_pretrained(dir, safe_serialization=True)`") if others else ""
-            raise ModelError(f"model {ref!r}: no model.safetensors in {path}{hint}")
+            raise ModelError(f"model {ref!r}: no model.safetensors in {where}{hint}")
         if not allow_pickle:
             raise ModelError(
                 f"model {ref!r}: only pickle weights found ({', '.join(pickles)}); batchscore loads "
@@ -126,22 +220,38 @@ def resolve(ref: str | None, allow_pickle: bool = False) -> ModelInfo:
                 "`model.save_pretrained(dir, safe_serialization=True)`"
             )
         _require_safe_torch_load(ref)
-        weights, weights_format = [path / pickles[0]], "pickle"
-    config = json.loads((path / "config.json").read_text())
+        weights, weights_format = pickles, "pickle"
+    if weights[0].endswith(".index.json"):  # sharded: every shard the index names must be there
+        shards = set(_json(ref, where, weights[0], read).get("weight_map", {}).values())
+        missing = sorted(str(s) for s in shards if s not in names)
+        if missing or not shards:
+            raise ModelError(f"model {ref!r}: {weights[0]} in {where} names shard(s) missing from it: "
+                             f"{missing or 'none named'}")
+    config = _json(ref, where, "config.json", read)
     labels, multi_label = _labels(config, ref)
-    return ModelInfo(
+    _refuse_unimplemented(_json(ref, where, "preprocessor_config.json", read), f"{where}/preprocessor_config.json")
+    remote = ref is not None and _is_remote(ref)
+    return CheckpointFiles(
         ref="<demo>" if ref is None else str(ref),
-        path=str(path.resolve()),
+        where=where,
         name=("batchscore-demo-digits" if ref is None else
-              str(ref).rstrip("/").rsplit("/", 1)[-1] if cache_key else path.resolve().name),
+              str(ref).rstrip("/").rsplit("/", 1)[-1] if remote else Path(where).resolve().name),
         model_type=str(config.get("model_type", "?")),
-        weights_sha256=_sha256_weights(path, weights[0]),
         labels=labels,
         multi_label=multi_label,
-        preprocess=preprocess_spec(path),
-        cache_key=cache_key,
+        weights=weights[0],
         weights_format=weights_format,
     )
+
+
+def _json(ref: str | None, where: str, name: str, read) -> dict:
+    try:
+        data = json.loads(read(name))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"model {ref!r}: {name} in {where} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"model {ref!r}: {name} in {where}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def local_path(model: ModelInfo) -> str:
@@ -155,12 +265,19 @@ def local_path(model: ModelInfo) -> str:
 
 
 def _require_safe_torch_load(ref: str | None) -> None:
-    import torch
+    """Pickle weights need torch >= 2.6; the installed version is read from its metadata, so
+    this check (part of `check`) does not import torch."""
+    import importlib.metadata as md
+
     from packaging.version import Version
 
-    if Version(torch.__version__.split("+")[0]) < Version("2.6"):
+    try:
+        version = md.version("torch")
+    except md.PackageNotFoundError:
+        raise ModelError(f"model {ref!r}: pickle weights need torch >= 2.6, which is not installed") from None
+    if Version(version.split("+")[0]) < Version("2.6"):
         raise ModelError(f"model {ref!r}: pickle weights need torch >= 2.6 for a safe weights_only load "
-                         f"(CVE-2025-32434); this is torch {torch.__version__}")
+                         f"(CVE-2025-32434); this is torch {version}")
 
 
 def _is_remote(ref: str) -> bool:
@@ -177,6 +294,8 @@ def _labels(config: dict, ref: str | None) -> tuple[tuple[str, ...], bool]:
             "randomly initialised head"
         )
     id2label = config.get("id2label") or {}
+    if not isinstance(id2label, dict):
+        raise ModelError(f"model {ref!r}: config.json id2label is not a mapping of class index to label")
     n = len(id2label)
     try:
         labels = tuple(str(id2label[str(i)]) for i in range(n))
@@ -197,11 +316,7 @@ def preprocess_spec(path: Path) -> PreprocessSpec:
         proc = AutoImageProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise ModelError(f"{where}: transformers cannot build its image processor: {e}") from e
-    for key in ("do_pad", "do_flip_channel_order"):
-        if raw.get(key) or getattr(proc, key, False):
-            raise ModelError(f"{where}: {key}=true is not implemented by batchscore's decode")
-    if raw.get("crop_pct") is not None:
-        raise ModelError(f"{where}: crop_pct is not implemented by batchscore's decode")
+    _refuse_unimplemented(raw, where, proc)
 
     size = shortest = None
     if proc.do_resize:
@@ -233,6 +348,16 @@ def preprocess_spec(path: Path) -> PreprocessSpec:
         raise ModelError(f"{where}: neither resize nor crop is set, so images have no fixed size")
     spec.output_hw  # noqa: B018 - raises when the spec has no fixed output size
     return spec
+
+
+def _refuse_unimplemented(raw: dict, where: str, proc=None) -> None:
+    """Preprocessing batchscore's decode does not implement, from the file (`check`) and, once
+    transformers has read it, from the image processor (`preprocess_spec`)."""
+    for key in ("do_pad", "do_flip_channel_order"):
+        if raw.get(key) or getattr(proc, key, False):
+            raise ModelError(f"{where}: {key}=true is not implemented by batchscore's decode")
+    if raw.get("crop_pct") is not None:
+        raise ModelError(f"{where}: crop_pct is not implemented by batchscore's decode")
 
 
 def _sha256_weights(path: Path, weights: Path) -> str:

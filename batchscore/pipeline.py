@@ -1,7 +1,8 @@
 """The pipeline: the one place where the stages are wired, top to bottom.
 
-    driver    prepare: resolve the model, list the inputs (Ray starts meanwhile); take the
-              output's lease; stage a new run, or resume the one that died
+    driver    prepare: check the checkpoint's files and list the inputs (no cluster: a bad
+              job fails in about a second); then start Ray while the model is resolved
+              (transformers); take the output's lease; stage a new run, or resume one
     workers   read → decode → predict (+ postprocess) → write       (`build_dataset`)
     driver    count each part's statistics (budget, progress, rows) → check rows against
               the inputs → write the manifest → commit
@@ -47,7 +48,7 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, todo: list[tuple
     # read + decode: plain functions in CPU tasks. Same remote args, so Ray fuses them into one
     # task (bytes stay in the task); different ones from predict, so decode never runs inside
     # the model actor.
-    ds = read.dataset(todo, batch=max(batch, 8), block=max(batch, FILES_PER_BLOCK))
+    ds = read.dataset(todo, batch=max(batch, 8), block=files_per_block(len(todo), batch, config.actors[1]))
     options = read.ReadOptions(image_column=config.image_column, id_column=config.id_column,
                                passthrough=config.passthrough, retries=config.read_retries,
                                batch_size=config.decode_batch_size)
@@ -86,6 +87,13 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, todo: list[tuple
     return ds
 
 
+def files_per_block(files: int, batch: int, actors: int) -> int:
+    """Files per read/decode task after the first blocks: FILES_PER_BLOCK, but at most a
+    quarter of each actor's share, so a small run still spreads over every actor (one block
+    of 208 files went to one of two actors), and never below one model batch."""
+    return max(batch, min(FILES_PER_BLOCK, files // (4 * actors)))
+
+
 def rows_per_file(config: ScoreConfig, gpus: float) -> int:
     """Rows per part file: `rows_per_file`, or 20,000 with GPUs (seconds of work there) and
     2,000 on CPUs (minutes of a ViT-B/16 on a few cores: what a crash may lose to --resume)."""
@@ -119,12 +127,26 @@ def score(config: ScoreConfig) -> RunResult:
         log.info("output %s already holds committed run %s", config.output, previous["run_id"])
         return _result_from_manifest(previous, config.output, "already_committed")
 
-    # Ray starts (or connects) while the model is resolved and the inputs listed: both mostly
-    # wait (on processes, imports, the object store), so together they take the longer of the two.
+    # Everything that needs no cluster is checked first, so a bad job fails in about a
+    # second, not after Ray started (5-50 s): the checkpoint's files are read, the inputs listed.
+    entries, checked, timings = _prepare(config)
+    _, note = models.top_k_used(config.top_k, checked.labels)
+    if note:
+        log.warning("%s", note)
+
+    # Ray starts (or connects) while the model is resolved: both mostly wait (on processes,
+    # the transformers import), so together they take the longer of the two.
+    def resolve():
+        begun = time.monotonic()
+        model = models.resolve(config.model, allow_pickle=config.allow_pickle)
+        return model, time.monotonic() - begun
+
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
-        prepared = pool.submit(_prepare, config, started)
+        resolving = pool.submit(resolve)
         ensure_ray()
-        model, entries, timings = prepared.result()
+        model, timings["model_seconds"] = resolving.result()
+    log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
+             timings["model_seconds"])
 
     attempt = _new_run_id()
     lease = Lease(config.output, attempt).acquire()
@@ -134,15 +156,24 @@ def score(config: ScoreConfig) -> RunResult:
         lease.release()
 
 
-def _prepare(config: ScoreConfig, started: float):
-    model = models.resolve(config.model, allow_pickle=config.allow_pickle)
-    resolved = time.monotonic()
-    log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
-             resolved - started)
+def _prepare(config: ScoreConfig):
+    """The checks that need no cluster: the checkpoint's files (milliseconds), then the
+    listing of the inputs (one request for a manifest, more for folders of a bucket).
+
+    Returns:
+        (entries, the checkpoint's files, timings).
+
+    Raises:
+        ModelError, ListingError: before Ray starts and before anything is staged.
+    """
+    begun = time.monotonic()
+    checked = models.check(config.model, allow_pickle=config.allow_pickle)
+    checked_at = time.monotonic()
+    log.info("checkpoint %s checked in %.2fs", checked.summary(), checked_at - begun)
     entries = listing.list_inputs(config)
-    listed = time.monotonic()
-    log.info("listed %d inputs in %.2fs", len(entries), listed - resolved)
-    return model, entries, {"model_seconds": resolved - started, "listing_seconds": listed - resolved}
+    timings = {"check_seconds": checked_at - begun, "listing_seconds": time.monotonic() - checked_at}
+    log.info("listed %d inputs in %.2fs", len(entries), timings["listing_seconds"])
+    return entries, checked, timings
 
 
 def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry], attempt: str, lease: Lease,
@@ -195,6 +226,8 @@ def _manifest(config: ScoreConfig, model: models.ModelInfo, run: Run, timings: d
         "model": {"ref": model.ref, "name": model.name, "tag": model.tag, "model_type": model.model_type,
                   "weights_sha256": model.weights_sha256, "weights_format": model.weights_format,
                   "num_labels": len(model.labels), "preprocess": model.preprocess.__dict__},
+        # labels per row written: config top_k, capped at the checkpoint's classes (0 = all)
+        "top_k": models.top_k_used(config.top_k, model.labels)[0],
         "inputs_sha256": listing.listing_hash(run.entries),
         "counts": {"inputs": len(run.entries), "input_format": run.entries[0].kind, "rows": budget.rows,
                    "scored": budget.rows - budget.errors, "errors": budget.errors,
@@ -242,7 +275,9 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("batchscore", "ray", "torch", "transformers", "pyarrow", "pillow"):
+    # The packages that decide what a row holds (constraints.txt pins them all, as tested).
+    for pkg in ("batchscore", "ray", "torch", "torchvision", "transformers", "safetensors", "pyarrow", "pillow",
+                "pillow-heif", "numpy", "fsspec", "gcsfs", "s3fs"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

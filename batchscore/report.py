@@ -12,17 +12,32 @@ import collections
 
 import pyarrow.compute as pc
 
+from batchscore import fs as fsutil
 from batchscore.output import STAGING, SUCCESS, SinkError, read_committed, read_manifest
 
 TOP_LABELS = 20
 
 
+class NotCommitted(SinkError):
+    """The output holds no committed run, so there is nothing to report (`batchscore inspect`
+    exits 6: not a failure of the output, just nothing there yet)."""
+
+
 def inspect_output(output: str) -> dict:
-    """The report of the committed run in `output`; raises `SinkError` when nothing is committed."""
+    """The report of the committed run in `output`.
+
+    Raises:
+        NotCommitted: `output` holds no committed run (no `_SUCCESS`), or does not exist.
+        SinkError: the committed run's manifest or files cannot be read.
+    """
     manifest = read_manifest(output)
     if manifest is None:
-        raise SinkError(f"{output}: no committed run ({SUCCESS} is missing); "
-                             f"a run in progress or one that failed keeps its files under {STAGING}/")
+        fs, root = fsutil.resolve(output)
+        if fsutil.is_local(fs) and not fs.exists(root):
+            raise NotCommitted(f"{output}: no committed run ({SUCCESS} is missing): there is no such folder "
+                               f"({fsutil.full_uri(fs, root)})")
+        raise NotCommitted(f"{output}: no committed run ({SUCCESS} is missing); "
+                           f"a run in progress or one that failed keeps its files under {STAGING}/")
     table = read_committed(output)
     errors = table.column("error_code")
     error_rows = table.num_rows - errors.null_count

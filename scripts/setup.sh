@@ -13,11 +13,12 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
-stamp=".venv/.batchscore-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.batchscore-installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   # torch first, pinned: pip takes these builds from this machine's disk (uv/poetry would not).
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-  .venv/bin/pip install -q -e ".[test]"
+  # Every other dependency at the version it was tested with (constraints.txt).
+  .venv/bin/pip install -q -c constraints.txt -e ".[test]"
   rm -f .venv/.batchscore-installed-* && touch "$stamp"
 fi
 

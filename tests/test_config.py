@@ -49,7 +49,8 @@ def test_yaml_then_flags_override(tmp_path):
     job.write_text("input: [a, b]\noutput: out\ntop_k: 3\nactors: [1, 2]\n")
     args = build_parser().parse_args(["score", "--config", str(job), "--top-k", "7", "--actors", "2,4"])
     cfg = config_from_args(args)
-    assert cfg.input == ("a", "b") and cfg.output == "out"  # from the file
+    # from the file; relative paths in a job file are relative to its folder (issue 16)
+    assert cfg.input == (str(tmp_path / "a"), str(tmp_path / "b")) and cfg.output == str(tmp_path / "out")
     assert cfg.top_k == 7 and cfg.actors == (2, 4)  # flags win
     assert cfg.batch_size is None  # default: measured by the actor
 

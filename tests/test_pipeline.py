@@ -131,14 +131,24 @@ def test_local_ray_listens_on_loopback_only(ray_session):
     assert ray_session.get_runtime_context().gcs_address.startswith("127.0.0.1:")
 
 
-def test_local_ray_keeps_idle_workers_beyond_the_cpu_count(ray_session):
+def test_local_ray_keeps_idle_workers_beyond_the_cpu_count(ray_session, tmp_path):
     """More workers than CPUs, then idle: Ray's default kills the surplus after 1 s (this
     test fails with IDLE_WORKER_SECONDS = 1), and a decode task held back by the object store
     bound would then pay a new worker's start. The local Ray that batchscore starts keeps
-    them (runtime.IDLE_WORKER_SECONDS)."""
+    them (runtime.IDLE_WORKER_SECONDS).
+
+    Four distinct workers are made sure of by a barrier, not by timing: each task waits until
+    all four have written their pid, so no worker can run two of them. Load can only delay a
+    kill (a false pass with Ray's default), never cause one within 3 s of a 60 s setting."""
+    barrier = str(tmp_path)
+
     @ray_session.remote(num_cpus=0.5)
     def worker_pid() -> int:
-        time.sleep(1.0)  # four at once on 2 CPUs: four workers
+        Path(barrier, str(os.getpid())).write_text("")
+        deadline = time.monotonic() + 120
+        while len(list(Path(barrier).iterdir())) < 4:
+            assert time.monotonic() < deadline, "four tasks never ran at once"
+            time.sleep(0.01)
         return os.getpid()
 
     pids = set(ray_session.get([worker_pid.remote() for _ in range(4)]))

@@ -1,0 +1,349 @@
+"""Fast feedback (issue 16): a bad job fails before Ray starts, in about a second, with its
+exit code and a message saying what and where; `validate` runs the same checks; the CLI's
+small sharp edges (repeated flags, closed pipes, `inspect` without a run, `--help`).
+
+Only `test_repeated_inputs_are_scored_and_top_k_is_capped` starts Ray. The bad jobs run
+`batchscore score` as a subprocess with RAY_ADDRESS pointing at a closed port: a run that
+reached Ray would fail there with exit 4 (or hang), so exit 2 proves the check came first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchscore import cli, listing, models
+from batchscore.config import ConfigError, ScoreConfig
+from batchscore.models import DEMO_CHECKPOINT, ModelError
+
+ROOT = Path(__file__).parent.parent
+SAMPLES = ROOT / "batchscore" / "demo" / "samples"
+# Ray refuses to connect here at once; reaching Ray at all is what these tests forbid.
+NO_RAY = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+
+
+def batchscore(*args: str, cwd: Path | None = None, env: dict | None = None,
+               timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "batchscore.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env or NO_RAY, timeout=timeout)
+    return proc, time.monotonic() - started
+
+
+def demo_checkpoint(dst: Path) -> Path:
+    return Path(shutil.copytree(DEMO_CHECKPOINT, dst))
+
+
+def error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+# -- bad jobs fail before Ray ---------------------------------------------------------------
+
+def _missing_model(tmp):
+    return ["--model", tmp / "nope"], rf"model '{tmp}/nope'.*does not exist or is not a directory"
+
+
+def _no_preprocessor(tmp):
+    ckpt = demo_checkpoint(tmp / "ckpt")
+    (ckpt / "preprocessor_config.json").unlink()
+    return ["--model", ckpt], rf"preprocessor_config.json is missing from {ckpt}"
+
+
+def _pickle_only(tmp):
+    ckpt = demo_checkpoint(tmp / "ckpt")
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    return ["--model", ckpt], r"only pickle weights found \(pytorch_model.bin\).*unless --allow-pickle"
+
+
+def _missing_input(tmp):
+    return ["--input", "nope/photos"], rf"input 'nope/photos': no such file or directory \(looked for {tmp}/nope/photos\)"
+
+
+def _wrong_format(tmp):
+    return ["--input-format", "tar"], r"no tar input found"
+
+
+def _header_only_manifest(tmp):
+    manifest = tmp / "list.csv"
+    manifest.write_text("uri,label\n")
+    return ["--input", manifest], rf"manifest {manifest}: has no rows \(empty, or a header only\)"
+
+
+def _passthrough_on_images(tmp):
+    return ["--passthrough", "label"], (r"passthrough \['label'\] refused: passthrough applies to manifest and "
+                                        r"Parquet columns and tar members, but the inputs .* are plain image files")
+
+
+def _mistyped_key(tmp):
+    job = tmp / "job.yaml"
+    job.write_text("topk: 3\n")
+    return ["--config", job], r"unknown key\(s\) 'topk' \(did you mean 'top_k'\?\); valid keys are: input, "
+
+
+@pytest.mark.parametrize("case", [_missing_model, _no_preprocessor, _pickle_only, _missing_input, _wrong_format,
+                                  _header_only_manifest, _passthrough_on_images, _mistyped_key],
+                         ids=lambda f: f.__name__.lstrip("_"))
+def test_bad_job_fails_before_ray_with_exit_2(tmp_path, case):
+    args, message = case(tmp_path)
+    out = tmp_path / "out"
+    base = {"--input": str(SAMPLES), "--output": str(out)}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = str(value)
+    proc, seconds = batchscore("score", *[x for kv in base.items() for x in kv], cwd=tmp_path)
+    print(f"FIGURE seconds to error, score {case.__name__.lstrip('_')}: {seconds:.2f}s (exit {proc.returncode})")
+    assert proc.returncode == cli.EXIT_BAD_JOB, proc.stderr
+    assert re.search(message, error_line(proc.stderr)), proc.stderr
+    assert not out.exists(), "nothing may be staged or written for a bad job"
+
+
+def test_empty_jsonl_and_parquet_manifests_are_listing_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    pq.write_table(pa.table({"uri": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    for name, fmt in (("empty.jsonl", "auto"), ("empty.parquet", "manifest")):
+        config = ScoreConfig(input=(str(tmp_path / name),), output="o", input_format=fmt)
+        with pytest.raises(listing.ListingError, match=rf"manifest {tmp_path / name}: has no rows"):
+            listing.list_inputs(config)
+
+
+# -- models.check ---------------------------------------------------------------------------
+
+def test_check_raises_what_resolve_raises(tmp_path):
+    """One set of messages: every file-level failure reads the same from check and resolve."""
+    cases = {}
+    cases["missing"] = tmp_path / "missing"
+    cases["no_preprocessor"] = demo_checkpoint(tmp_path / "np")
+    (cases["no_preprocessor"] / "preprocessor_config.json").unlink()
+    cases["pickle_only"] = demo_checkpoint(tmp_path / "pk")
+    (cases["pickle_only"] / "model.safetensors").rename(cases["pickle_only"] / "pytorch_model.bin")
+    cases["bare_pickle"] = demo_checkpoint(tmp_path / "bare")
+    (cases["bare_pickle"] / "model.safetensors").rename(cases["bare_pickle"] / "weights.pth")
+    cases["headless"] = demo_checkpoint(tmp_path / "headless")
+    config = json.loads((cases["headless"] / "config.json").read_text())
+    (cases["headless"] / "config.json").write_text(json.dumps({**config, "architectures": ["ViTModel"]}))
+    cases["bad_json"] = demo_checkpoint(tmp_path / "badjson")
+    (cases["bad_json"] / "config.json").write_text("{not json")
+    cases["crop_pct"] = demo_checkpoint(tmp_path / "croppct")
+    pp = json.loads((cases["crop_pct"] / "preprocessor_config.json").read_text())
+    (cases["crop_pct"] / "preprocessor_config.json").write_text(json.dumps({**pp, "crop_pct": 0.875}))
+    cases["missing_shard"] = demo_checkpoint(tmp_path / "shard")
+    (cases["missing_shard"] / "model.safetensors").unlink()
+    (cases["missing_shard"] / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    for name, ckpt in cases.items():
+        with pytest.raises(ModelError) as checked:
+            models.check(str(ckpt))
+        with pytest.raises(ModelError) as resolved:
+            models.resolve(str(ckpt))
+        assert str(checked.value) == str(resolved.value), name
+        print(f"check {name}: {checked.value}")
+
+
+def test_check_reads_a_bucket_folder_without_downloading_weights():
+    """A URI is listed and its two JSON files read (here fsspec's in-memory store)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("config.json", "preprocessor_config.json"):
+        fs.pipe(f"/bs-check/vit-tiny/{name}", (DEMO_CHECKPOINT / name).read_bytes())
+    fs.pipe("/bs-check/vit-tiny/model.safetensors", b"not read by check")
+    checked = models.check("memory://bs-check/vit-tiny/")
+    assert (checked.name, len(checked.labels), checked.weights) == ("vit-tiny", 10, "model.safetensors")
+    fs.rm("/bs-check/vit-tiny/preprocessor_config.json")
+    with pytest.raises(ModelError, match="preprocessor_config.json is missing from memory://bs-check/vit-tiny$"):
+        models.check("memory://bs-check/vit-tiny/")
+    with pytest.raises(ModelError, match="memory://bs-check/none does not exist or is not a directory"):
+        models.check("memory://bs-check/none")
+    fs.rm("/bs-check", recursive=True)
+
+
+def test_check_imports_neither_transformers_nor_torch(tmp_path):
+    ckpt = demo_checkpoint(tmp_path / "pk")
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    code = ("import sys, time; t = time.monotonic(); from batchscore import models; "
+            f"a = models.check(None); b = models.check({str(ckpt)!r}, allow_pickle=True); "
+            "print(a.summary()); print(b.summary()); print(round(time.monotonic() - t, 3)); "
+            "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    demo, pickled, seconds = proc.stdout.splitlines()
+    print(f"FIGURE models.check (demo, then a pickle checkpoint), import included: {seconds}s")
+    assert demo.startswith("batchscore-demo-digits (vit): 10 labels, weights model.safetensors (safetensors)")
+    assert "weights pytorch_model.bin (pickle)" in pickled
+
+
+# -- validate -------------------------------------------------------------------------------
+
+def test_validate_fails_on_a_missing_model_and_a_missing_input(tmp_path):
+    proc, seconds = batchscore("validate", "--input", tmp_path / "nope", "--model", tmp_path / "nomodel",
+                               "--output", tmp_path / "out")
+    print(f"FIGURE seconds to error, validate missing input and model: {seconds:.2f}s")
+    assert proc.returncode == cli.EXIT_BAD_JOB and proc.stdout == ""
+    assert f"validate: inputs: FAILED: input '{tmp_path}/nope': no such file or directory" in proc.stderr
+    assert f"validate: model: FAILED: model '{tmp_path}/nomodel': expected a local" in proc.stderr
+    assert "validate: 2 check(s) FAILED" in proc.stderr
+    assert "ListingError: input" in error_line(proc.stderr)
+
+
+def test_validate_lists_repeated_inputs(tmp_path, capsys):
+    a, b = SAMPLES / "digit-0000.png", SAMPLES / "digit-0001.png"
+    code = cli.main(["validate", "--input", str(a), "--input", str(b), "--output", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_OK, err
+    assert json.loads(out)["input"] == [str(a), str(b)]
+    assert "validate: inputs: 2 image file(s), format files" in err
+    assert "validate: model: batchscore-demo-digits (vit): 10 labels, weights model.safetensors" in err
+    assert "validate: ok: every check before Ray passed" in err
+    # every list flag adds up, repeated or with several values
+    args = cli.build_parser().parse_args(["score", "--formats", "JPEG", "--formats", "PNG", "WEBP",
+                                          "--passthrough", "a", "--passthrough", "b", "--extensions", ".x"])
+    config = cli.config_from_args(args)
+    assert (config.formats, config.passthrough, config.extensions) == (("JPEG", "PNG", "WEBP"), ("a", "b"), (".x",))
+
+
+def test_validate_is_quick_and_starts_nothing():
+    proc, seconds = batchscore("validate", "--config", "jobs/configs/demo.yaml", "--top-k", "50")
+    print(f"FIGURE validate demo.yaml (360 images listed, checkpoint checked), whole process: {seconds:.2f}s")
+    assert proc.returncode == 0, proc.stderr
+    assert "validate: inputs: 360 image file(s), format files" in proc.stderr
+    assert "top_k=50 but the checkpoint has 10 classes: using 10" in proc.stderr
+    assert json.loads(proc.stdout)["input"] == [str(SAMPLES)]
+
+
+# -- job files: paths relative to the file ------------------------------------------------
+
+def test_job_file_paths_are_relative_to_the_job_file(tmp_path, monkeypatch, capsys):
+    jobs = tmp_path / "project" / "jobs"
+    jobs.mkdir(parents=True)
+    shutil.copytree(SAMPLES, tmp_path / "project" / "images")
+    demo_checkpoint(tmp_path / "project" / "ckpt")
+    (jobs / "job.yaml").write_text("input: [../images]\noutput: ../scores\nmodel: ../ckpt\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    config = ScoreConfig.from_yaml(jobs / "job.yaml")
+    project = tmp_path / "project"
+    assert config.input == (str(project / "images"),)
+    assert (config.output, config.model) == (str(project / "scores"), str(project / "ckpt"))
+    # a flag stays relative to the working directory; URIs are never touched
+    assert ScoreConfig.from_yaml(jobs / "job.yaml", output="here").output == "here"
+    (jobs / "remote.yaml").write_text("input: ['gs://b/in/', s3://b/x.png]\noutput: gs://b/out/\n")
+    assert ScoreConfig.from_yaml(jobs / "remote.yaml").input == ("gs://b/in/", "s3://b/x.png")
+
+    assert cli.main(["validate", "--config", str(jobs / "job.yaml")]) == cli.EXIT_OK
+    assert "validate: inputs: 360 image file(s)" in capsys.readouterr().err
+
+    # a missing input says where it looked
+    (jobs / "typo.yaml").write_text("input: [../imagez]\noutput: ../scores\n")
+    with pytest.raises(listing.ListingError, match=rf"input '{project}/imagez': no such file or directory"):
+        listing.list_inputs(ScoreConfig.from_yaml(jobs / "typo.yaml"))
+    with pytest.raises(listing.ListingError, match=rf"input 'imagez': no such file or directory "
+                                                   rf"\(looked for {elsewhere}/imagez\)"):
+        listing.list_inputs(ScoreConfig(input=("imagez",), output="o"))
+
+
+def test_shipped_demo_job_reads_the_demo_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = ScoreConfig.from_yaml(ROOT / "jobs" / "configs" / "demo.yaml")
+    assert config.input == (str(SAMPLES),) and config.output == str(ROOT / "runs" / "demo")
+
+
+# -- did you mean ---------------------------------------------------------------------------
+
+def test_did_you_mean_for_mistyped_keys():
+    with pytest.raises(ConfigError) as e:
+        ScoreConfig.from_dict({"topk": 3, "zzz": 1}, where="job.yaml")
+    message = str(e.value)
+    assert message.startswith("job.yaml: unknown key(s) 'topk' (did you mean 'top_k'?), 'zzz'; valid keys are: ")
+    assert "batch_size" in message and "progress_seconds" in message
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) 'batchsize' \(did you mean 'batch_size'\?\)"):
+        ScoreConfig().with_overrides(batchsize=3)
+
+
+# -- passthrough ----------------------------------------------------------------------------
+
+def test_passthrough_is_refused_for_plain_images(tmp_path):
+    with pytest.raises(ConfigError, match=r"passthrough \['cls'\] refused: passthrough applies to manifest and "
+                                          r"Parquet columns and tar members, but input_format is files"):
+        ScoreConfig(input=(str(SAMPLES),), output="o", input_format="files", passthrough=("cls",))
+    with pytest.raises(listing.ListingError, match="are plain image files"):
+        listing.list_inputs(ScoreConfig(input=(str(SAMPLES / "digit-0000.png"),), output="o", passthrough=("cls",)))
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"uri,label\n{SAMPLES / 'digit-0000.png'},zero\n")
+    (entry,) = listing.list_inputs(ScoreConfig(input=(str(manifest),), output="o", passthrough=("label",)))
+    assert entry.passthrough == {"label": "zero"}
+
+
+# -- inspect, closed pipes, --help ----------------------------------------------------------
+
+def test_inspect_without_a_committed_run_exits_6(tmp_path):
+    (tmp_path / "_staging").mkdir()
+    for folder in (tmp_path, tmp_path / "missing"):
+        proc, seconds = batchscore("inspect", folder)
+        print(f"FIGURE seconds to error, inspect {folder.name}: {seconds:.2f}s")
+        assert proc.returncode == cli.EXIT_NOT_COMMITTED == 6 and proc.stdout == ""
+        assert "no committed run (_SUCCESS is missing)" in error_line(proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["validate", "--input", str(SAMPLES), "--output", "o"], ["score", "--help"],
+                                  ["--help"]], ids=["validate", "score-help", "help"])
+def test_closed_pipe_is_quiet(tmp_path, args):
+    """The reader is gone before batchscore writes (`| head -1` at its worst): no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "batchscore.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path, env=NO_RAY)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+    assert code == 0, err
+    # and through a real pipe
+    shell = subprocess.run(f"{sys.executable} -m batchscore.cli {' '.join(args)} | head -1", shell=True,
+                           capture_output=True, text=True, cwd=tmp_path, env=NO_RAY, timeout=60)
+    assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr, shell.stderr
+
+
+def test_help_shows_defaults_and_exit_codes():
+    parser = cli.build_parser()
+    score = parser._subparsers._group_actions[0].choices["score"]  # noqa: SLF001
+    text = " ".join(score.format_help().split())
+    for fragment in ("(default: 5)", "(default: 0.1)", "(default: auto)", "(default: off)",
+                     "Repeatable: the values add up. (default: JPEG MPO PNG WEBP GIF BMP TIFF AVIF HEIF)",
+                     "exit status:", "2 bad job", "5 another run holds the output's lease",
+                     "6 inspect: the output holds no committed run"):
+        assert fragment in text, fragment
+    assert "exit status:" in parser.format_help()
+
+
+# -- end to end (starts Ray) ----------------------------------------------------------------
+
+def test_repeated_inputs_are_scored_and_top_k_is_capped(tmp_path):
+    a, b = SAMPLES / "digit-0000.png", SAMPLES / "digit-0003.jpg"
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc, seconds = batchscore("score", "--input", a, "--input", b, "--output", out, "--top-k", "50",
+                               "--batch-size", "8", "--json", env=env, timeout=300)
+    print(f"FIGURE score of 2 images end to end (local Ray start included): {seconds:.2f}s")
+    assert proc.returncode == 0, proc.stderr
+    warning = "top_k=50 but the checkpoint has 10 classes: using 10"
+    assert proc.stderr.count(warning) == 1, proc.stderr
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["top_k"] == 10 and manifest["config"]["top_k"] == 50
+    assert manifest["counts"]["rows"] == 2
+    rows = pq.read_table(out / manifest["files"][0]["name"]).to_pylist()
+    assert sorted(r["id"] for r in rows) == [str(a), str(b)]
+    assert all(len(r["labels"]) == 10 for r in rows)
