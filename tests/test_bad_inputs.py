@@ -17,7 +17,6 @@ from PIL import Image
 from batchscore import decode, models, pipeline
 from batchscore.config import ScoreConfig
 
-GIB = 1 << 30
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -189,7 +188,7 @@ def test_a_thousand_inputs_with_five_percent_bad(ray_session, battery, checkpoin
     assert len(good) == len(ref) == 950 and delta < 1e-4
 
 
-def test_bombs_are_refused_with_peak_worker_memory_under_a_gib(ray_session, real_bomb):
+def test_bombs_are_refused_without_growing_the_worker_s_memory(ray_session, real_bomb):
     bombs = {"header": png_header_bomb(), "real-1bit": real_bomb, "gif-frame": gif_huge_frame(),
              # over the limit by a little: still refused on the header (4.5 GB of RGB if decoded)
              "just-over": png_header_bomb(40_000, 37_500)}
@@ -215,7 +214,9 @@ def test_bombs_are_refused_with_peak_worker_memory_under_a_gib(ray_session, real
     print(f"FIGURE bombs: peak worker RSS {got['peak'] / 2**20:.0f} MiB (before decoding {got['rss_before'] / 2**20:.0f} "
           f"MiB) for {len(bombs)} bombs declaring up to 10^10 pixels")
     assert all(e.startswith("decode.bomb: ") for e in got["errors"].values()), got["errors"]
-    assert got["peak"] < GIB
+    # Refused from their headers: decoding them grows the worker's peak by almost nothing (the
+    # worker may be a pooled one that already holds memory from an earlier task).
+    assert got["peak"] - got["rss_before"] < 64 * 2**20
     # Control: the measurement sees a large image that is allowed and decoded (6000x6000,
     # 108 MB as RGB), in a worker alive and well after the bombs.
     control = ray_session.get(task.remote({"ok": png_real_bomb(6000, 6000, rgb=True)}, 89_478_485))
