@@ -15,10 +15,12 @@ only the run named in the lease commit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import threading
 import time
 
 from batchscore import fs as fsutil
@@ -41,6 +43,7 @@ class Lease:
         self.path = f"{root.rstrip('/')}/{LEASE}"
         self.uri = fsutil.full_uri(self.fs, self.path)
         self._renewed = 0.0
+        self.lost: Exception | None = None  # what the heartbeat thread of `held` met, if anything
 
     def acquire(self) -> Lease:
         """Creates the lease, taking over a stale one; raises `OutputBusy` if another run holds it."""
@@ -72,6 +75,35 @@ class Lease:
         self.check()
         self.fs.pipe_file(self.path, self._body())
         self._renewed = time.monotonic()
+
+    @contextlib.contextmanager
+    def held(self):
+        """Renews the lease every ttl/4 from a thread while the block runs: the driver may wait
+        long for one part's record (a part of 2,000 ViT-B/16 rows takes minutes on a CPU).
+
+        Raises:
+            OutputBusy: (on leaving the block) the lease was lost meanwhile.
+        """
+        stop = threading.Event()
+        self.lost = None
+
+        def beat() -> None:
+            while not stop.wait(self.ttl / 4):
+                try:
+                    self.renew(every_seconds=0)
+                except Exception as e:  # noqa: BLE001 - raised in the driver's thread below
+                    self.lost = e
+                    return
+
+        thread = threading.Thread(target=beat, name="batchscore-lease", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+        if self.lost is not None:
+            raise self.lost
 
     def check(self) -> None:
         """Raises `OutputBusy` unless this run holds the lease."""

@@ -196,11 +196,12 @@ def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Ent
         # prefetch_batches=0: each part's record is counted as soon as it is written.
         parts = build_dataset(config, model, todo, part).iter_batches(batch_format="pyarrow", batch_size=None,
                                                                      prefetch_batches=0)
-        for batch in parts:
-            for stats in batch.column("part").to_pylist():
-                run.add(json.loads(stats))
-            if run.budget.blown_early():
-                break  # leaving the iterator stops the Ray Data execution
+        with lease.held():  # renewed from a thread: one part may take minutes to come
+            for batch in parts:
+                for stats in batch.column("part").to_pylist():
+                    run.add(json.loads(stats))
+                if run.budget.blown_early():
+                    break  # leaving the iterator stops the Ray Data execution
     timings["scoring_seconds"] = time.monotonic() - scoring
     log.info("%s", run.progress.line())
     if run.budget.blown():
@@ -237,7 +238,7 @@ def _manifest(config: ScoreConfig, model: models.ModelInfo, run: Run, timings: d
                     "images_per_second": round(scored / scoring, 2) if scoring > 0 else 0.0,
                     "steady_images_per_second": round(run.progress.steady_rate, 2)},
         "attempt": {"id": attempt, "resumed": resumed, "rows_kept": run.kept_rows, "rows_scored": scored,
-                    **getattr(run, "resumed", {"parts_rewritten": 0, "parts_discarded": 0})},
+                    "parts_rewritten": run.rewritten, "parts_discarded": run.discarded},
         "started_at": started_at,
         "finished_at": _now(),
         "versions": _versions(),

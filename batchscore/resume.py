@@ -95,7 +95,7 @@ def adopt(staged: StagedRun, run: Run) -> list[tuple[int, Entry]]:
     log.info("resume: run %s keeps %d rows of %d complete inputs (%d parts, %d rewritten without incomplete "
              "inputs, %d half-written discarded)", run.run_id, run.kept_rows, len(complete), len(staged.parts),
              rewritten, len(staged.broken))
-    run.resumed = {"parts_rewritten": rewritten, "parts_discarded": len(staged.broken)}
+    run.rewritten, run.discarded = rewritten, len(staged.broken)
     return todo
 
 

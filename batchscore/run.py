@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import time
 
 from batchscore.budget import ErrorBudget
 from batchscore.lease import Lease
@@ -87,6 +86,7 @@ class Run:
         self.coverage = Coverage()
         self.parts: list[dict] = []
         self.kept_rows = 0
+        self.rewritten = self.discarded = 0  # by resume: parts rewritten without incomplete inputs, half-written
         self.progress = Progress(total=known, every_seconds=progress_seconds)
 
     @property
@@ -103,7 +103,6 @@ class Run:
         """A part a worker just wrote."""
         self._count(stats)
         self.progress.update(stats["rows"], stats["errors"])
-        self.lease.renew()
 
     def _count(self, stats: dict) -> None:
         self.parts.append(stats)
@@ -118,8 +117,6 @@ class Run:
         """The manifest's `files`: each part's name, rows, bytes and the Ray node that wrote it."""
         return [{"name": p["name"], "rows": p["rows"], "bytes": p["bytes"], "node": p.get("node")} for p in self.parts]
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self.progress.start
 
 
 def check_rows(entries: list[Entry], coverage: Coverage, rows: int) -> None:

@@ -113,3 +113,25 @@ def test_two_runs_started_together_never_mix(ray_session, tmp_path, checkpoints)
     assert set(frame["run_id"]) == {manifest["run_id"]} and len(frame) == 80 and frame["id"].is_unique
     assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(f["name"] for f in manifest["files"])
     assert not (out / "_staging").exists()
+
+
+def test_a_held_lease_is_renewed_while_the_driver_waits(tmp_path):
+    """The driver may wait minutes for one part's record: the lease is renewed from a thread
+    meanwhile (every ttl/4), so it never looks stale to a second run. No upper time bound is
+    asserted: the block waits until a renewal is seen. A lease lost meanwhile is raised."""
+    lease = Lease(str(tmp_path / "out"), "run-a", ttl_seconds=0.2).acquire()
+    first = lease.read()["heartbeat"]
+    with lease.held():
+        deadline = time.monotonic() + 60
+        while lease.read()["heartbeat"] == first:
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            time.sleep(0.01)
+    (tmp_path / "out" / LEASE).write_text(json.dumps({"run_id": "run-b", "heartbeat": time.time(), "ttl_seconds": 600}))
+    with pytest.raises(OutputBusy, match="run run-a lost the lease"):
+        with lease.held():
+            deadline = time.monotonic() + 60
+            while lease.lost is None:  # until the heartbeat thread finds run-b's lease
+                assert time.monotonic() < deadline, "the lost lease was never noticed"
+                time.sleep(0.01)
+    lease.release()  # not ours: left as it is
+    assert json.loads((tmp_path / "out" / LEASE).read_text())["run_id"] == "run-b"
