@@ -97,8 +97,9 @@ class ScoreConfig:
         extensions: File endings (with the dot, any case) of the files listed as images from
             folders, globs and named files; None = the endings of `formats`. A file without
             an ending can be scored through a manifest.
-        rows_per_file: Rows per output Parquet part file (one row group each), written by a
-            worker as soon as that many rows are scored; None = 20,000 with GPUs, 2,000 on
+        rows_per_file: Most rows per output Parquet part file (one row group each), written
+            by a worker once that many rows are scored (Ray Data bundles scored blocks up to
+            it, so some parts are smaller); None = 20,000 with GPUs, 2,000 on
             CPUs. A run that dies keeps its complete parts for `resume`, so this also bounds
             the work a crash loses (per write in flight).
         overwrite: Replace a committed run in `output` instead of treating the run as done.

@@ -93,7 +93,8 @@ def read_committed(output: str) -> pa.Table:
     """The committed rows of `output`, read from exactly the files its manifest lists.
 
     Raises:
-        SinkError: nothing is committed in `output`.
+        SinkError: nothing is committed in `output`, or a listed part is missing or holds
+            another number of rows than the manifest says.
     """
     manifest = read_manifest(output)
     if manifest is None:
@@ -101,6 +102,14 @@ def read_committed(output: str) -> pa.Table:
     fs, root = fsutil.resolve(output)
     tables = []
     for part in manifest["files"]:
-        with fs.open(f"{root.rstrip('/')}/{part['name']}", "rb") as f:
-            tables.append(pq.read_table(f))
-    return pa.concat_tables(tables) if tables else load_schema().empty_table()
+        path = f"{root.rstrip('/')}/{part['name']}"
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+        except FileNotFoundError:
+            raise SinkError(f"{output}: run {manifest['run_id']} lists part {part['name']}, which is missing") from None
+        if table.num_rows != part["rows"]:
+            raise SinkError(f"{output}: part {part['name']} holds {table.num_rows} rows, its run's manifest "
+                            f"says {part['rows']}: the file was changed after the commit")
+        tables.append(table.replace_schema_metadata(load_schema().metadata))  # not one part's statistics
+    return pa.concat_tables(tables, promote_options="default") if tables else load_schema().empty_table()

@@ -125,6 +125,10 @@ def score(config: ScoreConfig) -> RunResult:
     previous = output.read_manifest(config.output)
     if previous is not None and not config.overwrite:
         log.info("output %s already holds committed run %s", config.output, previous["run_id"])
+        changed = resume.differences(previous.get("config", {}), config)
+        if changed:
+            log.warning("the committed run was made with other settings (%s); its rows stand: pass overwrite to "
+                        "score again with these", "; ".join(f"{k}: {a!r}, now {b!r}" for k, (a, b) in changed.items()))
         return _result_from_manifest(previous, config.output, "already_committed")
 
     # Everything that needs no cluster is checked first, so a bad job fails in about a
@@ -134,23 +138,24 @@ def score(config: ScoreConfig) -> RunResult:
     if note:
         log.warning("%s", note)
 
-    # Ray starts (or connects) while the model is resolved: both mostly wait (on processes,
-    # the transformers import), so together they take the longer of the two.
-    def resolve():
-        begun = time.monotonic()
-        model = models.resolve(config.model, allow_pickle=config.allow_pickle)
-        return model, time.monotonic() - begun
-
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
-        resolving = pool.submit(resolve)
-        ensure_ray()
-        model, timings["model_seconds"] = resolving.result()
-    log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
-             timings["model_seconds"])
-
+    # The output's lease, before Ray starts: a busy output (exit 5) or one that cannot be
+    # written says so at once.
     attempt = _new_run_id()
     lease = Lease(config.output, attempt).acquire()
     try:
+        # Ray starts (or connects) while the model is resolved: both mostly wait (on processes,
+        # the transformers import), so together they take the longer of the two.
+        def resolve():
+            begun = time.monotonic()
+            model = models.resolve(config.model, allow_pickle=config.allow_pickle)
+            return model, time.monotonic() - begun
+
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
+            resolving = pool.submit(resolve)
+            ensure_ray()
+            model, timings["model_seconds"] = resolving.result()
+        log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
+                 timings["model_seconds"])
         return _run(config, model, entries, attempt, lease, timings, started, started_at)
     finally:
         lease.release()
@@ -205,7 +210,8 @@ def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Ent
     timings["scoring_seconds"] = time.monotonic() - scoring
     log.info("%s", run.progress.line())
     if run.budget.blown():
-        raise run.budget.fail(run_id, aborted_early=run.budget.blown_early(), write=staging.write_text)
+        early = run.budget.blown_early() and run.rows < (run.budget.expected or 0)
+        raise run.budget.fail(run_id, aborted_early=early, write=staging.write_text)
 
     run.check()
     timings["first_row_seconds"] = run.progress.first_row_seconds or 0.0

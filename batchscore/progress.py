@@ -16,6 +16,7 @@ class Progress:
         self.start = time.monotonic()
         self.first_row_seconds: float | None = None
         self.first_batch_rows = 0
+        self.updates = 0
         self.last_row_seconds = 0.0
         self._last = self.start
 
@@ -27,6 +28,7 @@ class Progress:
             log.info("first rows after %.2fs", self.first_row_seconds)
         if rows:
             self.last_row_seconds = now - self.start
+            self.updates += 1
         self.done += rows
         self.errors += errors
         if now - self._last >= self.every:
@@ -35,9 +37,11 @@ class Progress:
 
     @property
     def steady_rate(self) -> float:
-        """Rows per second between the first and the last batch (start-up excluded)."""
+        """Rows per second between the first and the last part written (start-up excluded);
+        0.0 (not measured) with fewer than three parts: between two parts that arrive together
+        the "rate" is noise (131,019 images/s was recorded once)."""
         span = self.last_row_seconds - (self.first_row_seconds or 0.0)
-        return (self.done - self.first_batch_rows) / span if span > 0 else 0.0
+        return (self.done - self.first_batch_rows) / span if span > 0 and self.updates >= 3 else 0.0
 
     @property
     def rate(self) -> float:

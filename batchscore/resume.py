@@ -21,6 +21,7 @@ rewritten without them), so the committed result has exactly the rows of a clean
 from __future__ import annotations
 
 import logging
+import os
 
 import pyarrow as pa
 
@@ -44,9 +45,30 @@ class ResumeError(RuntimeError):
 
 
 def fingerprint(config: ScoreConfig, weights_sha256: str) -> dict:
+    """The settings a staged run must share to be resumed. Local paths are made absolute, so
+    `small` typed in /data and `/data/small` are the same input, and `small` typed elsewhere
+    is not."""
     settings = config.to_dict()
+    settings["input"] = [_absolute(p) for p in settings["input"]]
+    settings["model"] = settings["model"] and _absolute(settings["model"])
     return {"schema": SCHEMA_NAME, "weights_sha256": weights_sha256,
             **{k: settings[k] for k in RESULT_SETTINGS}}
+
+
+def differences(previous: dict, config: ScoreConfig) -> dict[str, tuple]:
+    """{setting: (then, now)} for the result settings in which a committed run's recorded
+    config (`previous`, from its manifest) differs from `config` (local paths compared absolute)."""
+    now = fingerprint(config, "")
+    then = {k: previous[k] for k in RESULT_SETTINGS if k in previous}
+    if "input" in then:
+        then["input"] = [_absolute(p) for p in then["input"]]
+    if then.get("model"):
+        then["model"] = _absolute(then["model"])
+    return {k: (then[k], now[k]) for k in then if then[k] != now[k]}
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def latest(output: str, expected: dict) -> StagedRun | None:

@@ -100,3 +100,21 @@ def test_an_output_with_glob_characters_never_touches_its_look_alike(tmp_path, r
     run(brackets, "run-c", ["q"]).commit()  # replaces run-b: deletes its parts and staging
     assert sorted(sink.read_committed(plain).column("id").to_pylist()) == ["x", "y", "z"]
     assert sink.read_committed(brackets).column("id").to_pylist() == ["q"]
+
+
+def test_read_committed_refuses_a_missing_or_changed_part(tmp_path):
+    """The manifest lists each part's rows: a part deleted or rewritten after the commit is
+    an error naming it, never fewer rows returned quietly."""
+    out = tmp_path / "out"
+    staged = run(out, "run-a", ["x", "y", "z"])
+    staged.commit()
+    first, second = (out / p["name"] for p in staged.parts)
+    sink.read_committed(str(out))
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(second).slice(0, 0), second)
+    with pytest.raises(sink.SinkError, match=rf"part {second.name} holds 0 rows, its run's manifest says 1"):
+        sink.read_committed(str(out))
+    first.unlink()
+    with pytest.raises(sink.SinkError, match=rf"lists part {first.name}, which is missing"):
+        sink.read_committed(str(out))

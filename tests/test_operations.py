@@ -181,13 +181,16 @@ def test_inspect_prints_the_manifests_figures(ray_session, tmp_path, photos, che
     assert f"rows: {counts['rows']}  scored: {counts['scored']}  errors: {counts['errors']}" in text
     assert "MISMATCH" not in text
 
-    # A part file changed behind the manifest's back is reported, not hidden.
+    # A part file changed behind the manifest's back fails inspect (exit 4), naming the part.
     first = out / manifest["files"][0]["name"]
     import pyarrow.parquet as pq
 
+    rows = pq.read_metadata(first).num_rows
     pq.write_table(pq.read_table(first).slice(1), first)
-    assert "MISMATCH rows" in subprocess.run([sys.executable, "-m", "batchscore.cli", "inspect", str(out)],
-                                             capture_output=True, text=True, timeout=120).stdout
+    changed = subprocess.run([sys.executable, "-m", "batchscore.cli", "inspect", str(out)],
+                             capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 4
+    assert f"part {first.name} holds {rows - 1} rows, its run's manifest says {rows}" in changed.stderr
 
 
 def test_inspect_without_a_committed_run_says_so(tmp_path):

@@ -142,3 +142,17 @@ def test_resume_drops_rows_of_tar_shards_it_cannot_prove_complete(ray_session, t
     assert attempt["rows_scored"] == 15 * len(lost_sources) and attempt["rows_kept"] == 60 - attempt["rows_scored"]
     assert attempt["parts_rewritten"] >= 1
     assert_same_rows(result.to_pandas(), reference, "tar resume")
+
+
+def test_the_fingerprint_takes_local_paths_as_absolute(tmp_path, monkeypatch):
+    """`small` typed in tmp_path and tmp_path/small are one input for --resume; `small`
+    typed elsewhere is another."""
+    from batchscore import resume
+
+    monkeypatch.chdir(tmp_path)
+    typed = resume.fingerprint(ScoreConfig(input=("small",), model="ckpt"), "sha")
+    assert typed == resume.fingerprint(ScoreConfig(input=(str(tmp_path / "small"),), model=str(tmp_path / "ckpt")), "sha")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert resume.fingerprint(ScoreConfig(input=("small",), model="ckpt"), "sha") != typed
+    assert resume.fingerprint(ScoreConfig(input=("gs://b/small",)), "sha")["input"] == ["gs://b/small"]
