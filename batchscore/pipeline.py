@@ -201,7 +201,7 @@ def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Ent
         # prefetch_batches=0: each part's record is counted as soon as it is written.
         parts = build_dataset(config, model, todo, part).iter_batches(batch_format="pyarrow", batch_size=None,
                                                                      prefetch_batches=0)
-        with lease.held():  # renewed from a thread: one part may take minutes to come
+        with run.lease.held():  # renewed from a thread: one part may take minutes to come
             for batch in parts:
                 for stats in batch.column("part").to_pylist():
                     run.add(json.loads(stats))

@@ -41,10 +41,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from batchscore import formats
+from batchscore import formats, listing
 from batchscore import fs as fsutil
 from batchscore.errors import error as _error
-from batchscore import listing
 from batchscore.listing import Entry
 
 RETRY_BASE_SECONDS = 0.5

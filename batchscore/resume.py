@@ -127,8 +127,7 @@ def _complete(entries: list[Entry], held: Coverage, failed: Coverage, containers
         return {i for i in range(len(entries)) if held.covers(i) and not failed.covers(i)}
     done = set()
     for i, e in enumerate(entries):
-        rows, announced = held.containers.get(i, (0, None))
-        expected = e.rows if e.rows is not None else announced
+        rows, expected = held.container(i, e)
         if expected is not None and rows == expected and not failed.covers(i):
             done.add(i)
     return done

@@ -66,6 +66,12 @@ class Coverage:
             k += 1
         self.starts[i:k], self.ends[i:k] = [lo], [hi]
 
+    def container(self, index: int, entry: Entry) -> tuple[int, int | None]:
+        """(rows held, rows expected) of a container: expected from its Parquet footer
+        (`entry.rows`) or the count its reader announced (None while unknown)."""
+        held, announced = self.containers.get(index, (0, None))
+        return held, entry.rows if entry.rows is not None else announced
+
     def files(self) -> int:
         return sum(e - s for s, e in zip(self.starts, self.ends))
 
@@ -136,8 +142,7 @@ def check_rows(entries: list[Entry], coverage: Coverage, rows: int) -> None:
         unlisted = sorted(i for i in cov.containers if not 0 <= i < n)
         wrong = []
         for i, e in enumerate(entries):
-            held, announced = cov.containers.get(i, (0, None))
-            expected = e.rows if e.rows is not None else announced
+            held, expected = cov.container(i, e)
             if (expected is not None or held) and held != expected:
                 wrong.append((e.id, held, expected))
         if wrong:

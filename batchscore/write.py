@@ -108,7 +108,6 @@ def statistics(table: pa.Table, metas: list[dict], containers: bool) -> dict:
     ids, errors = table.column("id").to_pylist(), table.column("error").to_pylist()
     by_code = collections.Counter(c for c in table.column("error_code").to_pylist() if c is not None)
     examples = [{"id": i, "error": e} for i, e in zip(ids, errors) if e is not None][:EXAMPLES]
-    indexes = [m["index"] for m in metas]
     failed = sorted({m["index"] for m, e in zip(metas, errors) if e is not None})
     stats = {"rows": table.num_rows, "errors": sum(by_code.values()), "by_code": dict(by_code),
              "examples": examples, "failed": ranges(failed), "duplicates": 0, "files": [], "containers": {}}
@@ -121,8 +120,8 @@ def statistics(table: pa.Table, metas: list[dict], containers: bool) -> dict:
                 entry[1] = m["rows"]
         stats["containers"] = {str(k): v for k, v in sorted(held.items())}
     else:
-        unique = sorted(set(indexes))
-        stats["duplicates"] = len(indexes) - len(unique)
+        unique = sorted({m["index"] for m in metas})
+        stats["duplicates"] = len(metas) - len(unique)
         stats["files"] = ranges(unique)
     return stats
 
