@@ -99,11 +99,12 @@ def validate(config: ScoreConfig) -> None:
         templated = [i for i in config.input if "{date}" in i]
         if templated:
             return f"{templated} hold {{date}}: listed per date by jobs/nightly.py and jobs/backfill.py, not here"
-        fmt, entries = listing.listed(config)
+        listed = listing.listed(config)
+        fmt = listed.format
         unit = {"files": "image file(s)", "manifest": "image URI(s) from manifest(s)", "tar": "tar shard(s)",
                 "parquet": "Parquet file(s)", "azureml": "Azure ML request file(s)"}.get(fmt, "input(s)")
-        rows = sum(e.rows for e in entries if e.rows is not None) if fmt == "parquet" else None
-        return f"{len(entries)} {unit}, format {fmt}" + (f", {rows} rows" if rows is not None else "")
+        rows = listed.known_rows if fmt == "parquet" else None
+        return f"{listed.count} {unit}, format {fmt}" + (f", {rows} rows" if rows is not None else "")
 
     def model() -> str:
         checked = models.check(config.model, allow_pickle=config.allow_pickle)

@@ -32,6 +32,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from batchscore import formats
 from batchscore import fs as fsutil
 from batchscore import output
@@ -69,12 +72,16 @@ class ListingError(ValueError):
 
 
 def list_inputs(config: ScoreConfig) -> list[Entry]:
-    """Lists every input of `config` as entries of one kind, in a stable order (see `listed`)."""
-    return listed(config)[1]
+    """Every input of `config` as `Entry` objects, in listing order (see `listed`).
+
+    One Python object per input: for tools and tests. A run keeps its listing columnar
+    (`Listing`) and writes it to its staging folder for the workers to read.
+    """
+    return listed(config).entries()
 
 
-def listed(config: ScoreConfig) -> tuple[str, list[Entry]]:
-    """(input format, entries): `list_inputs`, saying which format was used or detected.
+def listed(config: ScoreConfig) -> Listing:
+    """Lists every input of `config` as one `Listing` of one kind, sorted by id.
 
     Raises:
         ListingError: An input does not exist or matches nothing, no entry is left, the
@@ -92,6 +99,7 @@ def listed(config: ScoreConfig) -> tuple[str, list[Entry]]:
             chosen.append((uri, size))
         else:
             skipped[_ending(uri) or "(none)"] += 1
+    del files
     if skipped:
         what = "images" if fmt == "files" else f"{fmt} inputs"
         hint = ("to score them, add their format to `formats` (or their ending to `extensions`)" if fmt == "files"
@@ -102,19 +110,141 @@ def listed(config: ScoreConfig) -> tuple[str, list[Entry]]:
         raise ListingError(f"inputs {list(config.input)}: no {fmt} input found "
                            f"(endings {sorted(_endings(fmt, config))})")
     if fmt == "files":
-        entries = [Entry(id=uri, uri=uri, size=size) for uri, size in chosen]
+        table = _table([uri for uri, _ in chosen], sizes=[size for _, size in chosen])
     elif fmt == "manifest":
-        entries = _from_manifests([uri for uri, _ in chosen], config)
+        table = _from_manifests([uri for uri, _ in chosen], config)
     elif fmt == "parquet":
-        entries = _parquet_entries(chosen, config)
+        table = _parquet_entries(chosen, config)
     else:
-        entries = [Entry(id=uri, uri=uri, kind=fmt, size=size, rows=None) for uri, size in chosen]
-    log.info("input format %s: %d %s", fmt, len(entries), "images" if fmt in ("files", "manifest") else "files")
-    return fmt, entries
+        table = _table([uri for uri, _ in chosen], sizes=[size for _, size in chosen], rows=None)
+    kind = "file" if fmt in ("files", "manifest") else fmt
+    result = Listing(fmt, kind, table)
+    log.info("input format %s: %d %s", fmt, result.count, "images" if kind == "file" else "files")
+    return result
+
+
+_GROUPS_PER_SHARD = 64  # row groups (read tasks) per listing shard: a small footer to read per task
+
+
+class Listing:
+    """A run's inputs, columnar: a table of `id, uri, size, rows[, passthrough]` (one row per
+    input, sorted by id; `passthrough` a struct of the configured columns, as strings).
+
+    The driver keeps no Python object per input: the table is Arrow (about the bytes of its
+    strings), and once `write` has put it into the run's staging folder as Parquet listing
+    shards it is dropped; the workers read their slice of a shard (`read.read_batch`). What
+    stays on the driver: the count, the hash, the kind, and for containers the rows each
+    one is known to hold (an int64 array, -1 where unknown).
+    """
+
+    def __init__(self, fmt: str, kind: str, table: pa.Table):
+        self.format, self.kind, self.table = fmt, kind, table
+        self.count = table.num_rows
+        self.sha256 = _hash(table)
+        rows = table.column("rows")
+        self.known_rows = (pc.sum(rows).as_py() or 0) if rows.null_count == 0 else None
+        self.container_rows = (None if kind == "file"
+                               else pc.fill_null(rows, -1).to_numpy(zero_copy_only=False).astype("int64"))
+        self.shards: list[str] = []
+        self.groups: list[tuple[int, int, int, int]] = []  # (shard, row group, first index, end index)
+        self._fs = None
+
+    @classmethod
+    def of(cls, entries: list[Entry], fmt: str | None = None) -> Listing:
+        """A listing of `entries` (of one kind, in this order): for tools and tests."""
+        kind = entries[0].kind
+        names = sorted({k for e in entries for k in e.passthrough})
+        passthrough = pa.StructArray.from_arrays(
+            [pa.array([e.passthrough.get(k) for e in entries], pa.string()) for k in names], names=names) if names else None
+        table = _table([e.id for e in entries], sizes=[e.size for e in entries], passthrough=passthrough,
+                       row_counts=[e.rows for e in entries])
+        table = table.set_column(1, "uri", pa.array([e.uri for e in entries], pa.string()))
+        return cls(fmt or ("files" if kind == "file" else kind), kind, table)
+
+    def write(self, fs, folder: str, bounds: list[int]) -> None:
+        """Writes the listing into `folder` as Parquet shards, one row group per read task
+        (`bounds`: the task boundaries, [0, ..., count]), and drops the table from memory."""
+        import pyarrow.parquet as pq
+
+        fsutil.remove_tree(fs, folder)
+        if fsutil.is_local(fs):
+            fs.makedirs(folder, exist_ok=True)
+        spans = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+        self.shards, self.groups, self._fs = [], [], fs
+        for n in range(0, len(spans), _GROUPS_PER_SHARD):
+            path = f"{folder}/listing-{n // _GROUPS_PER_SHARD:05d}.parquet"
+            with fs.open(path, "wb") as f, pq.ParquetWriter(f, self.table.schema) as writer:
+                for k, (a, b) in enumerate(spans[n:n + _GROUPS_PER_SHARD]):
+                    writer.write_table(self.table.slice(a, b - a), row_group_size=b - a)
+                    self.groups.append((len(self.shards), k, a, b))
+            self.shards.append(fsutil.full_uri(fs, path))
+        self.table = None
+
+    def ids(self, indexes: list[int]) -> list[str]:
+        """The ids of a few inputs (for messages), from the table or the shards."""
+        out = []
+        for i in indexes:
+            if self.table is not None:
+                out.append(self.table.column("id")[i].as_py())
+                continue
+            shard, group, a, _ = next(g for g in self.groups if g[2] <= i < g[3])
+            out.append(self._group(shard, group, ["id"]).column("id")[i - a].as_py())
+        return out
+
+    def id_column(self) -> pa.ChunkedArray:
+        """Every input's id, in listing order (Arrow; read back from the shards once written)."""
+        if self.table is not None:
+            return self.table.column("id")
+        return pa.chunked_array([c for s, g, _, _ in self.groups for c in self._group(s, g, ["id"]).column("id").chunks],
+                                type=pa.string())
+
+    def _group(self, shard: int, group: int, columns: list[str]) -> pa.Table:
+        return read_group(self.shards[shard], group, columns)
+
+    def entries(self) -> list[Entry]:
+        """The listing as `Entry` objects (one per input: for tools and tests)."""
+        table = self.table if self.table is not None else pa.concat_tables(
+            self._group(s, g, None) for s, g, _, _ in self.groups)
+        out = []
+        for row in table.to_pylist():
+            out.append(Entry(id=row["id"], uri=row["uri"], kind=self.kind, size=row["size"], rows=row["rows"],
+                             passthrough=row.get("passthrough") or {}))
+        return out
+
+
+def read_group(shard: str, group: int, columns: list[str] | None = None) -> pa.Table:
+    """One row group of a listing shard (one read task's inputs)."""
+    import pyarrow.parquet as pq
+
+    fs, path = fsutil.resolve(shard)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read_row_group(group, columns=columns)
+
+
+def _table(ids: list[str] | pa.Array, sizes=None, rows: int | None = 1, passthrough: pa.StructArray | None = None,
+           row_counts=None) -> pa.Table:
+    """The listing table: `uri` is the `id` (the same Arrow buffers)."""
+    ids = pa.array(ids, type=pa.string()) if not isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
+    n = len(ids)
+    columns = {"id": ids, "uri": ids,
+               "size": pa.array(sizes if sizes is not None else [None] * n, type=pa.int64()),
+               "rows": pa.array(row_counts if row_counts is not None else [rows] * n, type=pa.int64())}
+    if passthrough is not None:
+        columns["passthrough"] = passthrough
+    return pa.table(columns)
+
+
+def _hash(table: pa.Table) -> str:
+    """sha256 of what was listed (ids, sizes, known row counts): equal listings, equal hash."""
+    h = hashlib.sha256()
+    for batch in table.select(["id", "size", "rows"]).to_batches(max_chunksize=65_536):
+        ids, sizes, rows = (batch.column(i).to_pylist() for i in range(3))
+        h.update("".join(f"{i}\t{s}\t{r}\n" for i, s, r in zip(ids, sizes, rows)).encode())
+    return h.hexdigest()
 
 
 def listing_hash(entries: list[Entry]) -> str:
-    """sha256 of what was listed (ids, sizes, known row counts): equal listings, equal hash."""
+    """`Listing.sha256` of a list of entries (the same value for the same listing)."""
     h = hashlib.sha256()
     for e in entries:
         h.update(f"{e.id}\t{e.size}\t{e.rows}\n".encode())
@@ -298,55 +428,108 @@ def _detect(files: list[tuple[str, int | None]], config: ScoreConfig) -> str:
 
 # -- manifests --------------------------------------------------------------------------
 
-def _from_manifests(manifests: list[str], config: ScoreConfig) -> list[Entry]:
-    entries: dict[str, Entry] = {}
-    duplicates = 0
+def _from_manifests(manifests: list[str], config: ScoreConfig) -> pa.Table:
+    """The manifests' URIs (relative ones joined to the manifest's folder), each once (its
+    first row kept), sorted; columnar throughout: a million rows cost tens of MB."""
+    columns = [config.uri_column, *config.passthrough]
+    tables = []
     for manifest in manifests:
-        rows = _manifest_rows(manifest)
-        if not rows:
-            raise ListingError(f"manifest {manifest}: has no rows (empty, or a header only); expected one row "
-                               f"per image with its URI in column {config.uri_column!r}")
+        table = _manifest_table(manifest, columns, config)
+        uri = table.column(config.uri_column)
+        empty = pc.or_kleene(pc.is_null(uri), pc.equal(uri, ""))
+        if pc.any(empty).as_py():
+            n = pc.index(empty, True).as_py()
+            raise ListingError(f"manifest {manifest} row {n}: empty {config.uri_column!r}")
         base = manifest.rsplit("/", 1)[0]
-        for n, row in enumerate(rows):
-            missing = [c for c in (config.uri_column, *config.passthrough) if c not in row]
-            if missing:
-                raise ListingError(f"manifest {manifest} row {n}: expected column(s) {missing}, found {sorted(row)}")
-            uri = row[config.uri_column]
-            if not uri:
-                raise ListingError(f"manifest {manifest} row {n}: empty {config.uri_column!r}")
-            uri = str(uri)
-            if "://" not in uri and not os.path.isabs(uri):
-                uri = f"{base}/{uri}"  # relative to the manifest's own folder
-            if uri in entries:
-                duplicates += 1
-                continue
-            passthrough = {c: None if row[c] is None else str(row[c]) for c in config.passthrough}
-            entries[uri] = Entry(id=uri, uri=uri, passthrough=passthrough)
+        relative = pc.and_(pc.invert(pc.match_substring(uri, "://")), pc.invert(pc.starts_with(uri, "/")))
+        uri = pc.if_else(relative, pc.binary_join_element_wise(base, uri, "/"), uri)  # relative to the manifest
+        tables.append(table.set_column(0, "uri", uri))
+    table = pa.concat_tables(tables).combine_chunks()
+    del tables
+    table = table.take(pc.sort_indices(table, sort_keys=[("uri", "ascending")]))  # stable: first row first
+    uri = table.column("uri").combine_chunks()
+    first = pa.concat_arrays([pa.array([True]), pc.not_equal(uri.slice(1), uri.slice(0, len(uri) - 1))])
+    duplicates = len(first) - pc.sum(first).as_py()
     if duplicates:
         log.warning("manifests list %d URI(s) more than once; each is scored once (first row kept)", duplicates)
-    return [entries[k] for k in sorted(entries)]
+        table = table.filter(first)
+    passthrough = None
+    if config.passthrough:
+        passthrough = pa.StructArray.from_arrays([table.column(c).combine_chunks() for c in config.passthrough],
+                                                 names=list(config.passthrough))
+    return _table(table.column("uri"), passthrough=passthrough)
 
 
-def _manifest_rows(uri: str) -> list[dict]:
+def _manifest_table(uri: str, columns: list[str], config: ScoreConfig) -> pa.Table:
+    """`columns` of a CSV, JSON-lines or Parquet manifest, as strings (null where a value is
+    missing or null).
+
+    Raises:
+        ListingError: no rows, a column missing, a line that is not JSON, a CSV row with the
+            wrong number of fields.
+    """
     fs, path = fsutil.resolve(uri)
     ending = _ending(uri)
     if ending == ".parquet":
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
-            return pq.read_table(f).to_pylist()
-    with fs.open(path, "rb") as f:
-        text = f.read().decode("utf-8-sig")
-    if ending == ".csv":
-        return list(csv.DictReader(io.StringIO(text)))
-    rows = []
-    for n, line in enumerate(text.splitlines()):
-        if line.strip():
+            names = pq.read_schema(f).names
+            _require(uri, columns, names)
+            f.seek(0)
+            table = pq.read_table(f, columns=columns)
+        table = pa.table({c: _strings(table.column(c)) for c in columns})
+    elif ending == ".csv":
+        import pyarrow.csv as pcsv
+
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+        header = next(csv.reader(io.StringIO(data.split(b"\n", 1)[0].decode("utf-8", "replace"))), [])
+        if not data.strip() or not header:
+            table = pa.table({c: pa.array([], pa.string()) for c in columns})
+        else:
+            _require(uri, columns, header)
             try:
-                rows.append(json.loads(line))
+                table = pcsv.read_csv(io.BytesIO(data), convert_options=pcsv.ConvertOptions(
+                    column_types={name: pa.string() for name in header}, include_columns=columns))
+            except pa.ArrowInvalid as e:
+                raise ListingError(f"manifest {uri}: not a CSV file of one URI per row: {e}") from None
+    else:
+        with fs.open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+        values: dict[str, list] = {c: [] for c in columns}
+        for n, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ListingError(f"manifest {uri} line {n + 1}: not JSON: {e}") from None
-    return rows
+            missing = [c for c in columns if c not in row]
+            if missing:
+                raise ListingError(f"manifest {uri} line {n + 1}: expected column(s) {missing}, found {sorted(row)}")
+            for c in columns:
+                values[c].append(None if row[c] is None else str(row[c]))
+        del text
+        table = pa.table({c: pa.array(v, pa.string()) for c, v in values.items()})
+    if not table.num_rows:
+        raise ListingError(f"manifest {uri}: has no rows (empty, or a header only); expected one row "
+                           f"per image with its URI in column {config.uri_column!r}")
+    return table
+
+
+def _require(uri: str, columns: list[str], names: list[str]) -> None:
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ListingError(f"manifest {uri}: expected column(s) {missing}, found {sorted(names)}")
+
+
+def _strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A Parquet manifest's column as strings, each value as Python's `str` writes it."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    return pa.chunked_array([pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())])
 
 
 # -- parquet with image bytes -----------------------------------------------------------
@@ -359,8 +542,8 @@ def _parquet_schema(uri: str):
         return pq.read_schema(f)
 
 
-def _parquet_entries(files: list[tuple[str, int | None]], config: ScoreConfig) -> list[Entry]:
-    """One entry per file, with its row count from the footer (read in parallel)."""
+def _parquet_entries(files: list[tuple[str, int | None]], config: ScoreConfig) -> pa.Table:
+    """One row per file, with its row count from the footer (read in parallel)."""
     import pyarrow.parquet as pq
 
     def footer(item):
@@ -373,7 +556,8 @@ def _parquet_entries(files: list[tuple[str, int | None]], config: ScoreConfig) -
         missing = [c for c in needed if c not in names]
         if missing:
             raise ListingError(f"{uri}: expected column(s) {missing}, found {names}")
-        return Entry(id=uri, uri=uri, kind="parquet", size=size, rows=meta.num_rows)
+        return meta.num_rows
 
     with ThreadPoolExecutor(max_workers=_LIST_THREADS) as pool:
-        return list(pool.map(footer, files))
+        counts = list(pool.map(footer, files))
+    return _table([uri for uri, _ in files], sizes=[size for _, size in files], row_counts=counts)

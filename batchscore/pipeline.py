@@ -39,16 +39,18 @@ log = logging.getLogger("batchscore")
 FILES_PER_BLOCK = 256
 
 
-def build_dataset(config: ScoreConfig, model: models.ModelInfo, todo: list[tuple[int, listing.Entry]],
-                  part: write.PartSpec) -> ray.data.Dataset:
-    """The Ray Data plan: rows of {part} (one part file's statistics as JSON) per part written."""
+def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, todo, part: write.PartSpec
+                  ) -> ray.data.Dataset:
+    """The Ray Data plan: rows of {part} (one part file's statistics as JSON) per part written.
+
+    `inputs` is the run's listing, written to its staging folder (`Listing.write`); `todo` a
+    bool per input still to score (None: all)."""
     resources = actor_resources(config)
-    # Ray Data hands each actor batches of the largest forward size it may choose.
-    batch = max(predict.batch_candidates(config.batch_size, on_gpu=resources.gpus > 0))
+    batch = model_batch(config, resources.gpus)
     # read + decode: plain functions in CPU tasks. Same remote args, so Ray fuses them into one
     # task (bytes stay in the task); different ones from predict, so decode never runs inside
-    # the model actor.
-    ds = read.dataset(todo, batch=max(batch, 8), block=files_per_block(len(todo), batch, config.actors[1]))
+    # the model actor. One read task per row group of the listing shards (`task_bounds`).
+    ds = read.dataset(inputs, todo)
     options = read.ReadOptions(image_column=config.image_column, id_column=config.id_column,
                                passthrough=config.passthrough, retries=config.read_retries,
                                batch_size=config.decode_batch_size)
@@ -85,6 +87,18 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, todo: list[tuple
     ds.context.execution_options.resource_limits = limits.copy(
         object_store_memory=config.decoded_queue_mb * 2**20 * config.actors[1])
     return ds
+
+
+def model_batch(config: ScoreConfig, gpus: float) -> int:
+    """Rows per actor call: the largest forward batch size the actor may choose."""
+    return max(predict.batch_candidates(config.batch_size, on_gpu=gpus > 0))
+
+
+def task_bounds(config: ScoreConfig, inputs: listing.Listing) -> list[int]:
+    """Listing indexes where read tasks start and end (`read.task_bounds`)."""
+    batch = max(model_batch(config, actor_resources(config).gpus), 8)
+    return read.task_bounds(inputs.count, inputs.kind != "file", batch,
+                            files_per_block(inputs.count, batch, config.actors[1]))
 
 
 def files_per_block(files: int, batch: int, actors: int) -> int:
@@ -133,7 +147,7 @@ def score(config: ScoreConfig) -> RunResult:
 
     # Everything that needs no cluster is checked first, so a bad job fails in about a
     # second, not after Ray started (5-50 s): the checkpoint's files are read, the inputs listed.
-    entries, checked, timings = _prepare(config)
+    inputs, checked, timings = _prepare(config)
     _, note = models.top_k_used(config.top_k, checked.labels)
     if note:
         log.warning("%s", note)
@@ -156,7 +170,7 @@ def score(config: ScoreConfig) -> RunResult:
             model, timings["model_seconds"] = resolving.result()
         log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
                  timings["model_seconds"])
-        return _run(config, model, entries, attempt, lease, timings, started, started_at)
+        return _run(config, model, inputs, attempt, lease, timings, started, started_at)
     finally:
         lease.release()
 
@@ -166,7 +180,7 @@ def _prepare(config: ScoreConfig):
     listing of the inputs (one request for a manifest, more for folders of a bucket).
 
     Returns:
-        (entries, the checkpoint's files, timings).
+        (the listing, the checkpoint's files, timings).
 
     Raises:
         ModelError, ListingError: before Ray starts and before anything is staged.
@@ -175,32 +189,35 @@ def _prepare(config: ScoreConfig):
     checked = models.check(config.model, allow_pickle=config.allow_pickle)
     checked_at = time.monotonic()
     log.info("checkpoint %s checked in %.2fs", checked.summary(), checked_at - begun)
-    entries = listing.list_inputs(config)
+    inputs = listing.listed(config)
     timings = {"check_seconds": checked_at - begun, "listing_seconds": time.monotonic() - checked_at}
-    log.info("listed %d inputs in %.2fs", len(entries), timings["listing_seconds"])
-    return entries, checked, timings
+    log.info("listed %d inputs in %.2fs", inputs.count, timings["listing_seconds"])
+    return inputs, checked, timings
 
 
-def _run(config: ScoreConfig, model: models.ModelInfo, entries: list[listing.Entry], attempt: str, lease: Lease,
+def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, attempt: str, lease: Lease,
          timings: dict[str, float], started: float, started_at: str) -> RunResult:
     """Stages (or resumes), scores, checks and commits, holding the output's lease."""
     fingerprint = resume.fingerprint(config, model.weights_sha256)
-    staged = resume.latest(config.output, fingerprint) if config.resume else None
+    staged = resume.latest(config.output, fingerprint, inputs) if config.resume else None
     if config.resume and not staged:
         log.info("resume: no staged run in %s; starting run %s", config.output, attempt)
     run_id = staged.run_id if staged else attempt
     staging = Staging(config.output, run_id,
-                      info=None if staged else {"run_id": run_id, "started_at": started_at, "fingerprint": fingerprint})
-    run = Run(run_id, entries, staging, lease, config.max_error_fraction, config.progress_seconds)
-    todo = resume.adopt(staged, run) if staged else list(enumerate(entries))
+                      info=None if staged else {"run_id": run_id, "started_at": started_at, "fingerprint": fingerprint,
+                                                "inputs": inputs.count, "inputs_sha256": inputs.sha256})
+    # The listing goes to the staging folder, one row group per read task; the driver drops it.
+    inputs.write(staging.fs, staging.listing_dir, task_bounds(config, inputs))
+    run = Run(run_id, inputs, staging, lease, config.max_error_fraction, config.progress_seconds)
+    todo = resume.adopt(staged, run) if staged else None
 
     scoring = time.monotonic()
-    if todo:
+    if todo is None or todo.any():
         part = write.PartSpec(output=config.output, run_id=run_id, model=model.tag, passthrough=config.passthrough,
                               containers=run.containers)
         # prefetch_batches=0: each part's record is counted as soon as it is written.
-        parts = build_dataset(config, model, todo, part).iter_batches(batch_format="pyarrow", batch_size=None,
-                                                                     prefetch_batches=0)
+        parts = build_dataset(config, model, inputs, todo, part).iter_batches(
+            batch_format="pyarrow", batch_size=None, prefetch_batches=0)
         with run.lease.held():  # renewed from a thread: one part may take minutes to come
             for batch in parts:
                 for stats in batch.column("part").to_pylist():
@@ -235,8 +252,8 @@ def _manifest(config: ScoreConfig, model: models.ModelInfo, run: Run, timings: d
                   "num_labels": len(model.labels), "preprocess": model.preprocess.__dict__},
         # labels per row written: config top_k, capped at the checkpoint's classes (0 = all)
         "top_k": models.top_k_used(config.top_k, model.labels)[0],
-        "inputs_sha256": listing.listing_hash(run.entries),
-        "counts": {"inputs": len(run.entries), "input_format": run.entries[0].kind, "rows": budget.rows,
+        "inputs_sha256": run.listing.sha256,
+        "counts": {"inputs": run.listing.count, "input_format": run.listing.kind, "rows": budget.rows,
                    "scored": budget.rows - budget.errors, "errors": budget.errors,
                    "errors_by_code": dict(budget.by_code)},
         "files": run.part_files(),

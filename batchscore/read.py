@@ -60,50 +60,93 @@ class ReadOptions:
     batch_size: int = 32
 
 
-def dataset(todo: list[tuple[int, Entry]], batch: int, block: int) -> ray.data.Dataset:
-    """The inputs to score, as a dataset of (id, uri, kind, meta) rows; `meta` carries each
-    input's listing index (the row accounting of `batchscore.run`) and passthrough values.
+def dataset(run_listing: listing.Listing, todo: np.ndarray | None) -> ray.data.Dataset:
+    """The read tasks of a run (`tasks`) as a dataset of one row per task and one task per block."""
+    items = tasks(run_listing, todo)
+    return ray.data.from_items(items, override_num_blocks=len(items))
 
-    Each block is one read/decode task. Image files go `batch` to a block for the first four
-    blocks, so the first rows come after one model batch, then `block` to a block: Ray Data's
-    cost is per task (dispatch, metadata, scheduling on the driver), and 32-file blocks made
-    it the driver's main work (~1.6 ms per image). Containers go one to a block.
+
+def tasks(run_listing: listing.Listing, todo: np.ndarray | None) -> list[dict]:
+    """One read task per row group of the run's listing shards (`listing.Listing.write`):
+    the shard, the row group, its first index, and the index ranges of its inputs still to
+    score (`todo`: a bool per input, None for all). The driver holds one such record per
+    task, never one per input; `read_batch` reads the listing rows in the worker.
     """
-    items = [{"id": e.id, "uri": e.uri, "kind": e.kind,
-              "meta": json.dumps({"source": e.id, "index": i, "passthrough": e.passthrough})} for i, e in todo]
-    if todo[0][1].kind != "file":
-        bounds = list(range(len(items) + 1))
-    else:
-        first = min(len(items), 4 * batch)
-        bounds = list(range(0, first, batch)) + list(range(first, len(items), block)) + [len(items)]
-    return ray.data.from_arrow([pa.Table.from_pylist(items[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a])
+    out = []
+    for shard, group, a, b in run_listing.groups:
+        if todo is None:
+            ranges = [[a, b]]
+        else:
+            ranges = _ranges(todo[a:b], a)
+            if not ranges:
+                continue
+        out.append({"shard": run_listing.shards[shard], "group": group, "start": a, "ranges": json.dumps(ranges),
+                    "kind": run_listing.kind})
+    return out
+
+
+def task_bounds(count: int, containers: bool, batch: int, block: int) -> list[int]:
+    """Listing indexes where read tasks start and end ([0, ..., count]).
+
+    Image files go `batch` (one model batch) to a task for the first four tasks, so the
+    first rows come after one batch, then `block` to a task: Ray Data's cost is per task
+    (dispatch, metadata, scheduling on the driver), and 32-file tasks made it the driver's
+    main work (~1.6 ms per image). Containers go one to a task.
+    """
+    if containers:
+        return list(range(count + 1))
+    first = min(count, 4 * batch)
+    return list(range(0, first, batch)) + list(range(first, count, block)) + [count]
+
+
+def _ranges(mask: np.ndarray, offset: int) -> list[list[int]]:
+    """[[start, end), ...] of the True runs of `mask`, shifted by `offset`."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    return [[int(s) + offset, int(e) + offset] for s, e in zip(edges[::2], edges[1::2])]
+
+
+def entries(task: dict) -> Iterator[tuple[int, Entry]]:
+    """(listing index, entry) of one read task's inputs (its row group, within its ranges)."""
+    table = listing.read_group(str(task["shard"]), int(task["group"]))
+    start, kind = int(task["start"]), str(task["kind"])
+    ranges = json.loads(str(task["ranges"]))
+    has_passthrough = "passthrough" in table.column_names
+    for a, b in ranges:
+        for offset, row in enumerate(table.slice(a - start, b - a).to_pylist()):
+            yield a + offset, Entry(id=row["id"], uri=row["uri"], kind=kind, size=row["size"], rows=row["rows"],
+                                    passthrough=(row["passthrough"] or {}) if has_passthrough else {})
 
 
 def read_batch(batch: dict[str, np.ndarray], *, options: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
-    """Yields batches of `options.batch_size` rows: id, data, error, meta."""
+    """Yields batches of `options.batch_size` rows: id, data, error, meta, from read tasks
+    (`dataset`). `meta` carries each row's source, listing index and passthrough values."""
     out = _Batcher(options.batch_size)
-    for id_, uri, kind, meta in zip(batch["id"], batch["uri"], batch["kind"], batch["meta"]):
-        id_, uri, meta = str(id_), str(uri), str(meta)
-        if kind == "file":
-            data, error = fetch(uri, options.retries)
-            out.add(id_, data, error, meta)
-        else:  # a container's rows come from the container entry itself: source = its id
-            reader = {"tar": read_tar, "parquet": read_parquet, "azureml": read_azureml}[kind]
-            rows = _Announced(reader(uri, options))
-            index = json.loads(meta)["index"]
-            previous, count = None, 0
-            for row in rows:
-                if previous is not None:
-                    out.add(*_container_row(id_, index, *previous))
-                previous, count = row, count + 1
-                yield from out.full()
-            total = count if rows.total is None else rows.total
-            if previous is None and total:  # rows announced, none yielded: no row would carry the count
-                previous = (id_, b"", _error("internal", f"reader announced {total} rows but yielded none"), {})
-            if previous is not None:
-                out.add(*_container_row(id_, index, *previous, total=total))
-        yield from out.full()
+    for task in (dict(zip(batch, values)) for values in zip(*batch.values())):
+        for index, entry in entries(task):
+            if entry.kind == "file":
+                data, error = fetch(entry.uri, options.retries)
+                meta = json.dumps({"source": entry.id, "index": index, "passthrough": entry.passthrough})
+                out.add(entry.id, data, error, meta)
+            else:  # a container's rows come from the container entry itself: source = its id
+                yield from _container(entry, index, options, out)
+            yield from out.full()
     yield from out.rest()
+
+
+def _container(entry: Entry, index: int, options: ReadOptions, out: _Batcher) -> Iterator[dict[str, np.ndarray]]:
+    reader = {"tar": read_tar, "parquet": read_parquet, "azureml": read_azureml}[entry.kind]
+    rows = _Announced(reader(entry.uri, options))
+    previous, count = None, 0
+    for row in rows:
+        if previous is not None:
+            out.add(*_container_row(entry.id, index, *previous))
+        previous, count = row, count + 1
+        yield from out.full()
+    total = count if rows.total is None else rows.total
+    if previous is None and total:  # rows announced, none yielded: no row would carry the count
+        previous = (entry.id, b"", _error("internal", f"reader announced {total} rows but yielded none"), {})
+    if previous is not None:
+        out.add(*_container_row(entry.id, index, *previous, total=total))
 
 
 class _Announced:

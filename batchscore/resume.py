@@ -23,11 +23,13 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from batchscore import write
 from batchscore.config import ScoreConfig
-from batchscore.listing import Entry
+from batchscore.listing import Listing
 from batchscore.output import SCHEMA_NAME
 from batchscore.run import Coverage, Run
 from batchscore.staging import RUN_INFO, StagedRun, staged_runs
@@ -71,8 +73,10 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def latest(output: str, expected: dict) -> StagedRun | None:
-    """The newest staged run of `output`, if any; raises `ResumeError` if it is incompatible."""
+def latest(output: str, expected: dict, inputs: Listing | None = None) -> StagedRun | None:
+    """The newest staged run of `output`, if any; raises `ResumeError` if it is incompatible:
+    other result settings, or (given `inputs`) a listing that changed since it started
+    (parts count inputs by their position in the listing)."""
     runs = staged_runs(output)
     if not runs:
         return None
@@ -87,13 +91,18 @@ def latest(output: str, expected: dict) -> StagedRun | None:
         details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ResumeError(f"cannot resume run {run.run_id} in {output}: it was started with other settings "
                           f"({details}); re-run with the same settings, or without --resume to start a new run")
+    then = run.info.get("inputs_sha256")
+    if inputs is not None and then is not None and then != inputs.sha256:
+        raise ResumeError(f"cannot resume run {run.run_id} in {output}: its inputs changed since it started "
+                          f"({run.info.get('inputs')} listed then, {inputs.count} now, or the same number of other "
+                          "files or sizes); run without --resume to score the inputs as they are now")
     return run
 
 
-def adopt(staged: StagedRun, run: Run) -> list[tuple[int, Entry]]:
+def adopt(staged: StagedRun, run: Run) -> np.ndarray:
     """Keeps the complete inputs' rows of `staged` in `run` (the same run id and staging);
-    returns the (index, entry) pairs still to score."""
-    entries, staging = run.entries, run.staging
+    returns which inputs are still to score (a bool per listed input)."""
+    staging = run.staging
     for name in staged.broken:
         log.warning("resume: discarding half-written part %s", name)
         staging.drop_part(name)
@@ -102,49 +111,55 @@ def adopt(staged: StagedRun, run: Run) -> list[tuple[int, Entry]]:
         held.add(stats)
         for a, b in stats["failed"]:
             failed.add_range(a, b)
-    complete = _complete(entries, held, failed, run.containers)
+    complete = _complete(run.listing, held, failed)
+    n = len(complete)
     rewritten = 0
     for stats in staged.parts:
-        inputs = [int(k) for k in stats["containers"]] + [i for a, b in stats["files"] for i in range(a, b)]
-        if all(i in complete for i in inputs):
+        inside = all(0 <= int(k) < n and complete[int(k)] for k in stats["containers"]) and all(
+            0 <= a and b <= n and complete[a:b].all() for a, b in stats["files"])
+        if inside:
             run.keep(stats)
             continue
         rewritten += 1
         kept = _rewrite(stats, complete, run, held)
         if kept is not None:
             run.keep(kept)
-    todo = [(i, e) for i, e in enumerate(entries) if i not in complete]
     log.info("resume: run %s keeps %d rows of %d complete inputs (%d parts, %d rewritten without incomplete "
-             "inputs, %d half-written discarded)", run.run_id, run.kept_rows, len(complete), len(staged.parts),
+             "inputs, %d half-written discarded)", run.run_id, run.kept_rows, int(complete.sum()), len(staged.parts),
              rewritten, len(staged.broken))
     run.rewritten, run.discarded = rewritten, len(staged.broken)
-    return todo
+    return ~complete
 
 
-def _complete(entries: list[Entry], held: Coverage, failed: Coverage, containers: bool) -> set[int]:
-    """Indexes of the inputs whose rows are all in the staged parts, none an error."""
-    if not containers:
-        return {i for i in range(len(entries)) if held.covers(i) and not failed.covers(i)}
-    done = set()
-    for i, e in enumerate(entries):
-        rows, expected = held.container(i, e)
-        if expected is not None and rows == expected and not failed.covers(i):
-            done.add(i)
+def _complete(listing: Listing, held: Coverage, failed: Coverage) -> np.ndarray:
+    """A bool per listed input: all its rows are in the staged parts, none an error."""
+    done = np.zeros(listing.count, dtype=bool)
+    if listing.container_rows is None:
+        for a, b in zip(held.starts, held.ends):
+            done[max(a, 0):min(b, listing.count)] = True
+    else:
+        for i, known in enumerate(listing.container_rows):
+            rows, expected = held.container(i, known)
+            done[i] = expected is not None and rows == expected
+    for a, b in zip(failed.starts, failed.ends):
+        done[max(a, 0):min(b, listing.count)] = False
     return done
 
 
-def _rewrite(stats: dict, complete: set[int], run: Run, held: Coverage) -> dict | None:
+def _rewrite(stats: dict, complete: np.ndarray, run: Run, held: Coverage) -> dict | None:
     """Rewrites a part without the rows of incomplete inputs; its new statistics, or None if
     nothing is left. (Read, write the rest, then delete: a crash here only costs work.)"""
     staging = run.staging
-    index = {e.id: i for i, e in enumerate(run.entries)}
     table = staging.read_part(stats["name"])
-    sources = table.column("source").to_pylist()
-    keep = [s in index and index[s] in complete for s in sources]
+    # each row's listing index, from its source (the listing's ids, Arrow: nothing per input in Python)
+    index = pc.index_in(table.column("source"), value_set=run.listing.id_column()).to_numpy(zero_copy_only=False)
+    present = ~np.isnan(index.astype(float))
+    index = np.where(present, np.nan_to_num(index.astype(float)), 0).astype(np.int64)
+    keep = present & complete[index]
     table = table.filter(pa.array(keep))
     result = None
     if table.num_rows:
-        metas = [{"index": index[s]} for s, k in zip(sources, keep) if k]
+        metas = [{"index": int(i)} for i in index[keep]]
         for m in metas:
             announced = held.containers.get(m["index"], (0, None))[1]
             if announced is not None:

@@ -23,7 +23,7 @@ import logging
 
 from batchscore.budget import ErrorBudget
 from batchscore.lease import Lease
-from batchscore.listing import Entry
+from batchscore.listing import Listing
 from batchscore.output import SinkError
 from batchscore.progress import Progress
 from batchscore.staging import Staging
@@ -66,11 +66,12 @@ class Coverage:
             k += 1
         self.starts[i:k], self.ends[i:k] = [lo], [hi]
 
-    def container(self, index: int, entry: Entry) -> tuple[int, int | None]:
+    def container(self, index: int, known: int) -> tuple[int, int | None]:
         """(rows held, rows expected) of a container: expected from its Parquet footer
-        (`entry.rows`) or the count its reader announced (None while unknown)."""
+        (`known`, the listing's row count, -1 when unknown) or the count its reader
+        announced (None while unknown)."""
         held, announced = self.containers.get(index, (0, None))
-        return held, entry.rows if entry.rows is not None else announced
+        return held, int(known) if known >= 0 else announced
 
     def files(self) -> int:
         return sum(e - s for s, e in zip(self.starts, self.ends))
@@ -83,11 +84,11 @@ class Coverage:
 class Run:
     """A run's driver-side state: staging, lease, budget, parts, progress and coverage."""
 
-    def __init__(self, run_id: str, entries: list[Entry], staging: Staging, lease: Lease,
+    def __init__(self, run_id: str, listing: Listing, staging: Staging, lease: Lease,
                  max_error_fraction: float, progress_seconds: float):
-        self.run_id, self.entries, self.staging, self.lease = run_id, entries, staging, lease
-        self.containers = entries[0].kind != "file"
-        known = sum(e.rows for e in entries) if all(e.rows is not None for e in entries) else None
+        self.run_id, self.listing, self.staging, self.lease = run_id, listing, staging, lease
+        self.containers = listing.kind != "file"
+        known = listing.known_rows
         self.budget = ErrorBudget(max_error_fraction, known)
         self.coverage = Coverage()
         self.parts: list[dict] = []
@@ -117,7 +118,7 @@ class Run:
 
     def check(self) -> None:
         """Raises `SinkError` unless the parts hold one row per image of the listing (`check_rows`)."""
-        check_rows(self.entries, self.coverage, self.rows)
+        check_rows(self.listing, self.coverage, self.rows)
 
     def part_files(self) -> list[dict]:
         """The manifest's `files`: each part's name, rows, bytes and the Ray node that wrote it."""
@@ -125,7 +126,7 @@ class Run:
 
 
 
-def check_rows(entries: list[Entry], coverage: Coverage, rows: int) -> None:
+def check_rows(listing: Listing, coverage: Coverage, rows: int) -> None:
     """One row per image, every row from a listed input, or the run fails before commit.
 
     Image files: every listed index exactly once. Containers: the rows each one's
@@ -134,32 +135,36 @@ def check_rows(entries: list[Entry], coverage: Coverage, rows: int) -> None:
     Raises:
         SinkError: rows are missing, duplicated or from unlisted inputs; nothing is committed.
     """
-    problems, n = [], len(entries)
+    problems, n = [], listing.count
     cov = coverage
     if cov.duplicates:
         problems.append(f"{cov.duplicates} duplicate rows")
-    if entries[0].kind != "file":
+    if listing.container_rows is not None:
         unlisted = sorted(i for i in cov.containers if not 0 <= i < n)
-        wrong = []
-        for i, e in enumerate(entries):
-            held, expected = cov.container(i, e)
+        wrong, empty = [], []
+        for i, known in enumerate(listing.container_rows):
+            held, expected = cov.container(i, known)
             if (expected is not None or held) and held != expected:
-                wrong.append((e.id, held, expected))
+                wrong.append((i, held, expected))
+            if known < 0 and not held:
+                empty.append(i)
         if wrong:
+            named = [(name, held, expected) for name, (_, held, expected)
+                     in zip(listing.ids([i for i, _, _ in wrong[:3]]), wrong)]
             problems.append(f"{len(wrong)} input(s) gave the wrong number of rows (input, got, expected), "
-                            f"e.g. {wrong[:3]}")
-        empty = [e.id for i, e in enumerate(entries) if e.rows is None and not cov.containers.get(i, (0,))[0]]
+                            f"e.g. {named}")
         if empty:
-            log.warning("%d input file(s) held no image rows: %s", len(empty), empty[:5])
+            log.warning("%d input file(s) held no image rows: %s", len(empty), listing.ids(empty[:5]))
     else:
         unlisted = [[s, e] for s, e in zip(cov.starts, cov.ends) if s < 0 or e > n]
         missing = n - sum(max(0, min(e, n) - max(s, 0)) for s, e in zip(cov.starts, cov.ends))
         if missing:
-            gaps = list(itertools.islice((entries[i].id for i in range(n) if not cov.covers(i)), 3))
+            gaps = listing.ids(list(itertools.islice((i for i in range(n) if not cov.covers(i)), 3)))
             problems.append(f"{missing} input(s) gave no row, e.g. {gaps}")
     if unlisted:
         problems.append(f"rows from unlisted inputs (listing index {unlisted[:3]})")
     if problems:
-        known = sum(e.rows or 0 for e in entries)
+        known = listing.known_rows if listing.known_rows is not None else int(
+            listing.container_rows.clip(min=0).sum())
         raise SinkError(f"expected one row per input ({n} inputs, {known} rows known in advance) "
                         f"but wrote {rows} rows: {'; '.join(problems)}; nothing was committed")

@@ -1,7 +1,7 @@
 """Staging: a run's folder under `<output>/_staging/<run_id>/` while it is going.
 
-It holds `_run.json` (what the run is: its settings fingerprint, for `--resume`), the part
-files the workers write (`batchscore.write`), and `_errors.json` when the run blew its error
+It holds `_run.json` (what the run is: its settings fingerprint and the hash of its listing,
+for `--resume`), `_listing/` (the listing shards the read tasks read), the part files the workers write (`batchscore.write`), and `_errors.json` when the run blew its error
 budget. `staged_runs` finds the uncommitted runs of an output and reads each part's
 statistics from its Parquet footer, so resuming never reads the rows of a complete part.
 """
@@ -19,6 +19,7 @@ from batchscore import fs as fsutil
 from batchscore.output import STAGING, SinkError
 
 RUN_INFO = "_run.json"
+LISTING_FOLDER = "_listing"
 PART_STATS_KEY = "batchscore.part"
 
 log = logging.getLogger("batchscore")
@@ -37,6 +38,7 @@ class Staging:
         self.root = self.root.rstrip("/")
         self.run_id = run_id
         self.dir = staging_dir(self.root, run_id)
+        self.listing_dir = f"{self.dir}/{LISTING_FOLDER}"  # the listing shards (`listing.Listing.write`)
         if fsutil.is_local(self.fs):
             self.fs.makedirs(self.dir, exist_ok=True)  # object stores have no folders to make
         try:

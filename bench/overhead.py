@@ -3,6 +3,7 @@
     .venv/bin/python bench/overhead.py                            # 10,000 and 100,000 images
     .venv/bin/python bench/overhead.py --counts 2000 --json /tmp/overhead.json
     .venv/bin/python bench/overhead.py --ray-footprint            # the local Ray: Ray's default start against the lean one
+    .venv/bin/python bench/overhead.py --listing-memory 10000 1000000   # the driver's memory as the listing grows
 
 The demo model (a 4-layer ViT on 32x32 digits) scores thousands of images a second on one
 core, so what a run spends beside the model shows: Ray, Ray Data, the driver. Two variants,
@@ -461,6 +462,37 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def listing_memory(counts: list[int], work: Path, model: Path) -> dict:
+    """The driver's peak RSS for a run over a manifest of N URIs, for each N: its memory as the
+    listing grows. The URIs name files that do not exist, so every row is a cheap
+    `read.not_found` error row (max_error_fraction 1): the rows still go through every
+    stage and into part files, but no image is decoded or scored."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    results = {}
+    for count in counts:
+        manifest = work / f"manifest-{count}.csv"
+        if not manifest.exists():
+            with open(manifest, "w") as f:
+                f.write("uri\n")
+                f.writelines(f"{work}/absent/{i // 1000:04d}/image-{i:08d}.jpg\n" for i in range(count))
+        out = work / f"listing-out-{count}"
+        run = run_tree(batchscore_command() + ["score", "--input", str(manifest), "--output", str(out), "--model",
+                                               str(model), "--overwrite", "--json", "--max-error-fraction", "1"], env)
+        rows = json.loads((out / "_manifest.json").read_text())["counts"]["rows"]
+        if rows != count:
+            raise RuntimeError(f"batchscore wrote {rows} rows for {count} listed inputs")
+        r = summarize(run, count)
+        results[count] = {"wall_seconds": r["wall_seconds"], "driver_peak_rss_mib": r["driver_peak_rss_mib"],
+                          "driver_cpu_seconds": r["cpu_by_role"].get("driver", 0.0)}
+        print(f"  {count:9d} listed inputs: driver peak RSS {r['driver_peak_rss_mib']:7.0f} MiB, "
+              f"driver CPU {results[count]['driver_cpu_seconds']:6.1f} s, wall {r['wall_seconds']:6.1f} s", flush=True)
+    low, high = min(counts), max(counts)
+    if low != high:
+        results["ratio"] = results[high]["driver_peak_rss_mib"] / results[low]["driver_peak_rss_mib"]
+        print(f"driver peak RSS at {high} inputs / at {low}: {results['ratio']:.2f}x")
+    return results
+
+
 def child(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["_loop", "_ray"])
@@ -495,11 +527,15 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=10.0, help="--ray-footprint: seconds left idle after ray.init")
     parser.add_argument("--footprint-images", type=int, default=300, help="--ray-footprint: photos scored")
     parser.add_argument("--rounds", type=int, default=1, help="--ray-footprint: repeats (medians are printed)")
+    parser.add_argument("--listing-memory", nargs="+", type=int, metavar="N",
+                        help="measure the driver's peak memory for manifests of N URIs instead (e.g. 10000 1000000)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     info = {**machine(), "loadavg_before": os.getloadavg()}
     print(f"machine: {json.dumps(info)}", flush=True)
-    if args.ray_footprint:
+    if args.listing_memory:
+        results = listing_memory(args.listing_memory, args.work, args.model)
+    elif args.ray_footprint:
         results = footprint(args.work, args.idle, args.footprint_images, args.dtype, args.rounds)
         print()
         print(footprint_report(results, args.idle, args.footprint_images))

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -157,14 +159,21 @@ def test_local_ray_keeps_idle_workers_beyond_the_cpu_count(ray_session, tmp_path
     assert all(Path(f"/proc/{pid}").exists() for pid in pids), "idle workers were killed"
 
 
-def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, photos, monkeypatch):
+def written_listing(config: ScoreConfig, folder) -> listing.Listing:
+    """The run's listing, written as the driver writes it into a staging folder."""
+    inputs = listing.listed(config)
+    inputs.write(fsspec.filesystem("file"), str(folder / "_listing"), pipeline.task_bounds(config, inputs))
+    return inputs
+
+
+def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, photos, monkeypatch, tmp_path):
     config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]))
     info = models.resolve(config.model)
-    todo = list(enumerate(listing.list_inputs(config)))
+    inputs = written_listing(config, tmp_path)
     part = write.PartSpec(output="unused", run_id="r", model=info.tag)
 
     def physical_plan() -> str:
-        pipeline.build_dataset(config, info, todo, part).explain()
+        pipeline.build_dataset(config, info, inputs, None, part).explain()
         return capsys.readouterr().out.split("Physical Plan (Optimized) --------")[1]
 
     plan = physical_plan()
@@ -180,16 +189,29 @@ def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, pho
     assert "ActorPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
 
 
-def test_read_blocks_start_at_one_model_batch_then_grow(ray_session):
-    """The first four blocks hold one model batch each (first rows come early), the rest
-    `block` files (fewer tasks: Ray Data's cost on the driver is per task); order and each
-    input's listing index are kept."""
-    entries = [listing.Entry(id=f"f{i}", uri=f"/x/f{i}.jpg", kind="file", rows=1) for i in range(70)]
-    ds = read.dataset(list(enumerate(entries)), batch=8, block=16)
-    assert [len(b["id"]) for b in ds.iter_batches(batch_size=None)] == [8, 8, 8, 8, 16, 16, 6]
-    rows = ds.take_all()
-    assert [r["id"] for r in rows] == [e.id for e in entries]
-    assert [json.loads(r["meta"])["index"] for r in rows] == list(range(70))
+def test_read_tasks_start_at_one_model_batch_then_grow(ray_session, tmp_path):
+    """The first four read tasks hold one model batch each (first rows come early), the rest
+    `block` files (fewer tasks: Ray Data's cost on the driver is per task); each task is a
+    row group of a listing shard in the staging folder, and order, ids and listing indexes
+    are kept. With `todo` (resume) only the inputs still to score are read."""
+    entries = [listing.Entry(id=f"/x/f{i:02d}.jpg", uri=f"/x/f{i:02d}.jpg", kind="file", rows=1) for i in range(70)]
+    inputs = listing.Listing.of(entries)
+    bounds = read.task_bounds(70, False, batch=8, block=16)
+    assert bounds == [0, 8, 16, 24, 32, 48, 64, 70]
+    inputs.write(fsspec.filesystem("file"), str(tmp_path / "_listing"), bounds)
+    assert inputs.table is None  # the driver no longer holds the listing
+    ds = read.dataset(inputs, None)
+    assert ds.count() == 7  # one row per read task
+    read_tasks = ds.take_all()
+    assert [[i for i, _ in read.entries(t)] for t in read_tasks][4] == list(range(32, 48))
+    rows = [r for t in read_tasks for r in read.entries(t)]
+    assert [e.id for _, e in rows] == [e.id for e in entries] and [i for i, _ in rows] == list(range(70))
+    assert inputs.ids([0, 69]) == ["/x/f00.jpg", "/x/f69.jpg"]  # read back from the shards
+    todo = np.zeros(70, dtype=bool)
+    todo[[3, 4, 5, 40, 69]] = True
+    left = read.tasks(inputs, todo)
+    assert [json.loads(t["ranges"]) for t in left] == [[[3, 6]], [[40, 41]], [[69, 70]]]
+    assert [i for t in left for i, _ in read.entries(t)] == [3, 4, 5, 40, 69]
 
 
 def test_object_store_is_bounded_per_actor(ray_session, checkpoints, photos, tmp_path):
@@ -198,7 +220,7 @@ def test_object_store_is_bounded_per_actor(ray_session, checkpoints, photos, tmp
     config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]),
                          decoded_queue_mb=48, actors=(1, 3), cpus_per_actor=0.4)
     entries = listing.list_inputs(config)
-    ds = pipeline.build_dataset(config, models.resolve(config.model), list(enumerate(entries)),
+    ds = pipeline.build_dataset(config, models.resolve(config.model), written_listing(config, tmp_path), None,
                                 write.PartSpec(output="unused", run_id="r", model="m"))
     assert ds.context.execution_options.resource_limits.object_store_memory == 48 * 2**20 * 3
     assert ray_session.data.DataContext.get_current().execution_options.resource_limits.object_store_memory != 48 * 2**20 * 3
@@ -232,9 +254,10 @@ def test_nothing_is_committed_when_rows_go_missing(ray_session, tmp_path, photos
     """If a stage ever dropped rows, the run must fail instead of committing partial output:
     here the rows of two inputs never reach the (real) write stage."""
 
-    def losing_dataset(config, model, todo, part):
+    def losing_dataset(config, model, inputs, todo, part):
         rows = [{"id": e.id, "labels": ["can"], "probs": [0.9], "error": None, "error_code": None,
-                 "meta": json.dumps({"source": e.id, "index": i, "passthrough": {}})} for i, e in todo[:-2]]
+                 "meta": json.dumps({"source": e.id, "index": i, "passthrough": {}})}
+                for i, e in list(enumerate(inputs.entries()))[:-2]]
         return ray_session.data.from_items(rows).map_batches(write.write_part, fn_kwargs={"spec": part},
                                                              batch_format="pyarrow")
 

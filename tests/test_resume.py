@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import small_photos
 
-from batchscore import pipeline
+from batchscore import pipeline, resume
 from batchscore.config import ScoreConfig
 from batchscore.resume import ResumeError
 
@@ -156,3 +156,23 @@ def test_the_fingerprint_takes_local_paths_as_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert resume.fingerprint(ScoreConfig(input=("small",), model="ckpt"), "sha") != typed
     assert resume.fingerprint(ScoreConfig(input=("gs://b/small",)), "sha")["input"] == ["gs://b/small"]
+
+
+def test_resume_refuses_inputs_that_changed_since_the_run_started(tmp_path):
+    """Parts count inputs by their position in the listing: a folder that gained a file since
+    the run started would shift them, so resuming is refused and says why."""
+    from batchscore import listing
+    from batchscore.staging import Staging
+
+    folder = tmp_path / "in"
+    small_photos(folder, 5, seed=3)
+    config = ScoreConfig(input=(str(folder),), output=str(tmp_path / "out"))
+    then = listing.listed(config)
+    fingerprint = resume.fingerprint(config, "w")
+    Staging(config.output, "20261130T000000Z-aaaaaaaa",
+            info={"run_id": "r", "fingerprint": fingerprint, "inputs": then.count, "inputs_sha256": then.sha256})
+    assert resume.latest(config.output, fingerprint, listing.listed(config)).run_id == "20261130T000000Z-aaaaaaaa"
+    small_photos(tmp_path / "more", 1, seed=4)
+    (tmp_path / "more").rename(folder / "more")  # a sixth image arrives
+    with pytest.raises(ResumeError, match=r"its inputs changed since it started \(5 listed then, 6 now"):
+        resume.latest(config.output, fingerprint, listing.listed(config))

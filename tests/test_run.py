@@ -7,11 +7,11 @@ import random
 import pytest
 
 from batchscore import output, run, write
-from batchscore.listing import Entry
+from batchscore.listing import Entry, Listing
 
 
-def files(n: int) -> list[Entry]:
-    return [Entry(id=f"/x/{i}.jpg", uri=f"/x/{i}.jpg") for i in range(n)]
+def files(n: int) -> Listing:
+    return Listing.of([Entry(id=f"/x/{i}.jpg", uri=f"/x/{i}.jpg") for i in range(n)])
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -51,8 +51,8 @@ def test_parts_in_any_order_prove_one_row_per_file_and_catch_loss_and_duplicates
 
 
 def test_containers_must_hold_what_they_announced():
-    entries = [Entry(id="s0.tar", uri="s0.tar", kind="tar", rows=None),
-               Entry(id="p.parquet", uri="p.parquet", kind="parquet", rows=4)]
+    entries = Listing.of([Entry(id="s0.tar", uri="s0.tar", kind="tar", rows=None),
+                          Entry(id="p.parquet", uri="p.parquet", kind="parquet", rows=4)])
     cov = run.Coverage()
     cov.add({"files": [], "containers": {"0": [2, None], "1": [4, None]}, "duplicates": 0})
     cov.add({"files": [], "containers": {"0": [1, 3]}, "duplicates": 0})  # the shard's last row: 3 in all

@@ -12,6 +12,7 @@ import io
 import json
 import tarfile
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -57,11 +58,11 @@ def read_shards(folder, passthrough=("cls",)) -> tuple[dict[str, dict], dict[str
     Returns:
         ({id: row}, {shard id: its announced row count}).
     """
-    entries = listing.list_inputs(ScoreConfig(input=(str(folder),), input_format="tar", passthrough=passthrough))
-    batch = {"id": [e.id for e in entries], "uri": [e.uri for e in entries], "kind": [e.kind for e in entries],
-             "meta": [json.dumps({"source": e.id, "index": i, "passthrough": e.passthrough})
-                      for i, e in enumerate(entries)]}
-    batch = {k: np.array(v, dtype=object) for k, v in batch.items()}
+    inputs = listing.listed(ScoreConfig(input=(str(folder),), input_format="tar", passthrough=passthrough))
+    entries = inputs.entries()
+    inputs.write(fsspec.filesystem("file"), str(folder.parent / "_listing"), read.task_bounds(len(entries), True, 1, 1))
+    tasks = read.tasks(inputs, None)  # one read task per shard, as the driver plans them
+    batch = {k: np.array([t[k] for t in tasks], dtype=object) for k in tasks[0]}
     out = list(read.read_batch(batch, options=read.ReadOptions(passthrough=passthrough, batch_size=2)))
     rows = [dict(zip(("id", "error", "meta"), r)) for b in out for r in zip(b["id"], b["error"], b["meta"])]
     scored = pa.table({"id": [r["id"] for r in rows], "labels": [None] * len(rows), "probs": [None] * len(rows),
@@ -74,7 +75,7 @@ def read_shards(folder, passthrough=("cls",)) -> tuple[dict[str, dict], dict[str
                                                         passthrough=passthrough, containers=True))
     coverage = run.Coverage()
     coverage.add(stats)
-    run.check_rows(entries, coverage, table.num_rows)  # as the driver checks before a commit
+    run.check_rows(inputs, coverage, table.num_rows)  # as the driver checks before a commit
     totals = {entries[int(i)].id: announced for i, (_, announced) in stats["containers"].items() if announced}
     data = [d for b in out for d in b["data"]]
     return {r["id"]: {**r, "error": raw["error"], "data": d}  # the read stage's error: "" for none
