@@ -140,7 +140,9 @@ class Listing:
     def __init__(self, fmt: str, kind: str, table: pa.Table):
         self.format, self.kind, self.table = fmt, kind, table
         self.count = table.num_rows
-        self.sha256 = _hash(table)
+        # sha256: the manifest's inputs_sha256; ids_sha256: which inputs, in which order (what
+        # --resume needs unchanged: parts count inputs by position; a fixed file may change size)
+        self.sha256, self.ids_sha256 = _hash(table)
         rows = table.column("rows")
         self.known_rows = (pc.sum(rows).as_py() or 0) if rows.null_count == 0 else None
         self.container_rows = (None if kind == "file"
@@ -234,13 +236,14 @@ def _table(ids: list[str] | pa.Array, sizes=None, rows: int | None = 1, passthro
     return pa.table(columns)
 
 
-def _hash(table: pa.Table) -> str:
-    """sha256 of what was listed (ids, sizes, known row counts): equal listings, equal hash."""
-    h = hashlib.sha256()
+def _hash(table: pa.Table) -> tuple[str, str]:
+    """(sha256 of what was listed: ids, sizes, known row counts; sha256 of the ids alone)."""
+    h, ids_h = hashlib.sha256(), hashlib.sha256()
     for batch in table.select(["id", "size", "rows"]).to_batches(max_chunksize=65_536):
         ids, sizes, rows = (batch.column(i).to_pylist() for i in range(3))
         h.update("".join(f"{i}\t{s}\t{r}\n" for i, s, r in zip(ids, sizes, rows)).encode())
-    return h.hexdigest()
+        ids_h.update("".join(f"{i}\n" for i in ids).encode())
+    return h.hexdigest(), ids_h.hexdigest()
 
 
 def listing_hash(entries: list[Entry]) -> str:

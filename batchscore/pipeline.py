@@ -60,7 +60,9 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.
         decode.decode_batch,
         fn_kwargs={"spec": model.preprocess, "max_image_pixels": config.max_image_pixels, "formats": config.formats,
                    "nice": config.decode_nice},
-        batch_size=config.decode_batch_size,
+        # None: each batch read_batch yields (decode_batch_size rows). A batch size here would
+        # also bundle the read tasks' inputs (one row each) until it is met: every task in one.
+        batch_size=None,
         num_cpus=config.decode_cpus,
     )
     # predict + postprocess: a pool of actors, each loading the model once.
@@ -205,7 +207,7 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
     run_id = staged.run_id if staged else attempt
     staging = Staging(config.output, run_id,
                       info=None if staged else {"run_id": run_id, "started_at": started_at, "fingerprint": fingerprint,
-                                                "inputs": inputs.count, "inputs_sha256": inputs.sha256})
+                                                "inputs": inputs.count, "inputs_ids_sha256": inputs.ids_sha256})
     # The listing goes to the staging folder, one row group per read task; the driver drops it.
     inputs.write(staging.fs, staging.listing_dir, task_bounds(config, inputs))
     run = Run(run_id, inputs, staging, lease, config.max_error_fraction, config.progress_seconds)

@@ -61,9 +61,10 @@ class ReadOptions:
 
 
 def dataset(run_listing: listing.Listing, todo: np.ndarray | None) -> ray.data.Dataset:
-    """The read tasks of a run (`tasks`) as a dataset of one row per task and one task per block."""
-    items = tasks(run_listing, todo)
-    return ray.data.from_items(items, override_num_blocks=len(items))
+    """The read tasks of a run (`tasks`) as a dataset of one row per task, one block per task."""
+    # One block per task. The stage that reads them must take one block per task
+    # (`batch_size=None` through the fused read/decode stage, pipeline.build_dataset).
+    return ray.data.from_arrow([pa.Table.from_pylist([task]) for task in tasks(run_listing, todo)])
 
 
 def tasks(run_listing: listing.Listing, todo: np.ndarray | None) -> list[dict]:

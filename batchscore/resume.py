@@ -75,8 +75,9 @@ def _absolute(path: str) -> str:
 
 def latest(output: str, expected: dict, inputs: Listing | None = None) -> StagedRun | None:
     """The newest staged run of `output`, if any; raises `ResumeError` if it is incompatible:
-    other result settings, or (given `inputs`) a listing that changed since it started
-    (parts count inputs by their position in the listing)."""
+    other result settings, or (given `inputs`) a listing of other inputs than when it started
+    (parts count inputs by their position in the listing; a file that changed in place, such
+    as one fixed after an error, is fine: an input with an error row is scored again)."""
     runs = staged_runs(output)
     if not runs:
         return None
@@ -91,11 +92,11 @@ def latest(output: str, expected: dict, inputs: Listing | None = None) -> Staged
         details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ResumeError(f"cannot resume run {run.run_id} in {output}: it was started with other settings "
                           f"({details}); re-run with the same settings, or without --resume to start a new run")
-    then = run.info.get("inputs_sha256")
-    if inputs is not None and then is not None and then != inputs.sha256:
+    then = run.info.get("inputs_ids_sha256")
+    if inputs is not None and then is not None and then != inputs.ids_sha256:
         raise ResumeError(f"cannot resume run {run.run_id} in {output}: its inputs changed since it started "
-                          f"({run.info.get('inputs')} listed then, {inputs.count} now, or the same number of other "
-                          "files or sizes); run without --resume to score the inputs as they are now")
+                          f"({run.info.get('inputs')} listed then, {inputs.count} now, or as many under other "
+                          "names); run without --resume to score the inputs as they are now")
     return run
 
 

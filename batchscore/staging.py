@@ -1,6 +1,6 @@
 """Staging: a run's folder under `<output>/_staging/<run_id>/` while it is going.
 
-It holds `_run.json` (what the run is: its settings fingerprint and the hash of its listing,
+It holds `_run.json` (what the run is: its settings fingerprint and the hash of its listed names,
 for `--resume`), `_listing/` (the listing shards the read tasks read), the part files the workers write (`batchscore.write`), and `_errors.json` when the run blew its error
 budget. `staged_runs` finds the uncommitted runs of an output and reads each part's
 statistics from its Parquet footer, so resuming never reads the rows of a complete part.

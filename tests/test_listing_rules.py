@@ -113,11 +113,11 @@ def test_manifest_row_with_brackets_reads_that_file_not_its_sibling(tmp_path):
     write_tree(str(tmp_path / "in"), data)
     manifest = tmp_path / "in" / "list.csv"
     manifest.write_text("uri\nphoto[1].jpg\n")
-    entries = listing.list_inputs(ScoreConfig(input=(str(manifest),)))
-    assert [e.id for e in entries] == [str(tmp_path / "in" / "photo[1].jpg")]
-    column = lambda values: np.array(values, dtype=object)  # noqa: E731
-    batch = {"id": column([e.id for e in entries]), "uri": column([e.uri for e in entries]),
-             "kind": column(["file"]), "meta": column(["{}"])}
+    inputs = listing.listed(ScoreConfig(input=(str(manifest),)))
+    assert [e.id for e in inputs.entries()] == [str(tmp_path / "in" / "photo[1].jpg")]
+    inputs.write(fsspec.filesystem("file"), str(tmp_path / "_listing"), [0, 1])  # as the driver plans it
+    (task,) = read.tasks(inputs, None)
+    batch = {k: np.array([v], dtype=object) for k, v in task.items()}
     (rows,) = list(read.read_batch(batch, options=read.ReadOptions()))
     assert list(rows["id"]) == [str(tmp_path / "in" / "photo[1].jpg")] and list(rows["error"]) == [""]
     assert rows["data"][0] == data["photo[1].jpg"] != data["photo1.jpg"]

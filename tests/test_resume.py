@@ -170,7 +170,10 @@ def test_resume_refuses_inputs_that_changed_since_the_run_started(tmp_path):
     then = listing.listed(config)
     fingerprint = resume.fingerprint(config, "w")
     Staging(config.output, "20261130T000000Z-aaaaaaaa",
-            info={"run_id": "r", "fingerprint": fingerprint, "inputs": then.count, "inputs_sha256": then.sha256})
+            info={"run_id": "r", "fingerprint": fingerprint, "inputs": then.count, "inputs_ids_sha256": then.ids_sha256})
+    assert resume.latest(config.output, fingerprint, listing.listed(config)).run_id == "20261130T000000Z-aaaaaaaa"
+    first = sorted(folder.iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # fixed in place (another size): still the same inputs
     assert resume.latest(config.output, fingerprint, listing.listed(config)).run_id == "20261130T000000Z-aaaaaaaa"
     small_photos(tmp_path / "more", 1, seed=4)
     (tmp_path / "more").rename(folder / "more")  # a sixth image arrives
