@@ -18,33 +18,43 @@ __all__ = ["ConfigError", "RunResult", "ScoreConfig", "backfill", "nightly", "sc
 def score(config: ScoreConfig | str | None = None, **overrides: Any) -> RunResult:
     """Scores images and commits the output; see `ScoreConfig` for every setting.
 
+    Shows its progress while it runs: a bar in Jupyter or on a terminal (`tqdm.auto`),
+    otherwise a `progress:` log line every `progress_seconds`; and batchscore's log lines on
+    stderr unless the caller configured logging (then they go where it says, once).
+
     Args:
         config: A `ScoreConfig`, a path to a YAML job file, or None for defaults.
         **overrides: Settings that replace the config's (e.g. `input=[...]`, `top_k=3`).
     """
     from batchscore import pipeline
+    from batchscore.progress import python_caller
 
     if config is None:
         config = ScoreConfig()
     elif not isinstance(config, ScoreConfig):
         config = ScoreConfig.from_yaml(config)
-    return pipeline.score(config.with_overrides(**overrides))
+    with python_caller():
+        return pipeline.score(config.with_overrides(**overrides))
 
 
 def nightly(config: ScoreConfig | str, date=None, **overrides: Any) -> RunResult:
     """Scores one date partition of a job whose input and output hold `{date}` (default:
     yesterday, UTC); a committed partition is a no-op, a failed one resumes."""
     from batchscore import schedule
+    from batchscore.progress import python_caller
 
-    return schedule.nightly(_config(config).with_overrides(**overrides), date)
+    with python_caller():
+        return schedule.nightly(_config(config).with_overrides(**overrides), date)
 
 
 def backfill(config: ScoreConfig | str, dates, parallel: int = 1, **overrides: Any):
     """Scores each date as its own committed partition (see `batchscore.schedule.backfill`);
     returns a pandas DataFrame of partition, status, rows, errors, seconds, output, error."""
     from batchscore import schedule
+    from batchscore.progress import python_caller
 
-    return schedule.backfill(_config(config).with_overrides(**overrides), dates, parallel=parallel)
+    with python_caller():
+        return schedule.backfill(_config(config).with_overrides(**overrides), dates, parallel=parallel)
 
 
 def _config(config: ScoreConfig | str) -> ScoreConfig:

@@ -50,23 +50,28 @@ def fetch_checkpoint(uri: str, expect_key: str | None = None, allow_pickle: bool
     """
     fs, root = fsutil.resolve(uri)
     root = root.rstrip("/")
+    single = None
+    if root.endswith(".npz"):  # a one-file checkpoint (vision_transformer), and its labels file if any
+        root, single = root.rsplit("/", 1)
     try:
-        infos = fs.find(root, detail=True)
+        infos = fs.find(root, detail=True, **({"maxdepth": 1} if single else {}))
     except FileNotFoundError:
         infos = {}
     files = {name[len(root) + 1:]: info for name, info in infos.items() if name.startswith(root + "/")}
-    if not files:
+    if single:
+        files = {rel: info for rel, info in files.items() if rel in (single, f"{single[:-4]}.labels.txt")}
+    if not files or (single and single not in files):
         raise CacheError(f"model {uri!r}: no checkpoint files there (expected config.json, "
                          "preprocessor_config.json and model.safetensors)")
     # Pickle weights only when there is nothing else: the same listing then always gives the
     # same files and key, whatever allow_pickle says.
     pickle_only = allow_pickle and not any(_is_safetensors(rel) for rel in files)
-    wanted = {rel: info for rel, info in files.items() if _wanted(rel, pickle_only)}
+    wanted = {rel: info for rel, info in files.items() if single or _wanted(rel, pickle_only)}
     key = _content_key(wanted)
     if expect_key is not None and key != expect_key:
         raise CacheError(f"model {uri!r} changed during the run (content key {key[:16]}, expected "
                          f"{expect_key[:16]}); refusing to score with different weights")
-    target = cache_root() / "models" / f"{Path(root).name}-{key[:16]}"
+    target = cache_root() / "models" / f"{Path(single[:-4] if single else root).name}-{key[:16]}"
     if target.is_dir():
         return target, key
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ way the values add up. Local relative paths in flags are relative to the working
 (in a job file, to the job file's folder).
 
 `validate` runs every check a `score` makes before it starts Ray (config, listing, the
-checkpoint's files) in about a second, and exits 2 when one fails.
+checkpoint's files, the thresholds and labels files against its labels, the baseline) in
+about a second, and exits 2 when one fails.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ EXIT_HELP = """exit status:
   3  error budget exceeded (more error rows than max_error_fraction); nothing committed
   4  the run failed (infrastructure, output, rows not matching inputs); nothing committed
   5  another run holds the output's lease; nothing written, retry later
-  6  inspect: the output holds no committed run
+  6  inspect, report: the output (or the --baseline named) holds no committed run
 
 Local relative paths in flags are relative to the working directory; in a --config job file,
 to the job file's folder."""
@@ -55,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "inspect":
                 from batchscore import report
 
-                found = report.inspect_output(args.output)
+                found = report.inspect_output(args.output, baseline=args.baseline)
                 _out(json.dumps(found, indent=2) if args.json else report.format_report(found))
+                return None
+            if args.command == "report":  # issue 18: the HTML report
+                from batchscore import report
+
+                _out(report.write_report(args.output, args.baseline, path=args.out))
                 return None
             config = config_from_args(args)
             if args.command == "validate":
@@ -78,15 +84,18 @@ def main(argv: list[str] | None = None) -> int:
 def validate(config: ScoreConfig) -> None:
     """`batchscore validate`: the checks `score` makes before it starts Ray, without Ray or
     transformers: input and output set, the inputs listed (count by format), the checkpoint's
-    files (name, labels, weights), top_k against its classes, whether the output is already
-    committed. Each check runs even when another failed. What was checked goes to stderr as
+    files (name, labels, weights), top_k against its classes, the thresholds file and the
+    label source against the checkpoint's labels (issue 18), that a `baseline` holds a
+    committed run, whether the output is already committed. Each check runs even when
+    another failed (those that need the checkpoint's labels only once it was read). What was checked goes to stderr as
     `validate: ` lines; on success the resolved config goes to stdout as JSON (the contents
     of a valid job file). Raises the first failure, as `score` would have."""
-    from batchscore import listing, models, output
+    from batchscore import drift, evaluation, listing, models, output, postprocess
 
     started = time.monotonic()
     config.require_io()
     said, failed = [], []
+    checkpoint: list = []  # the checked checkpoint, once `model` passed
 
     def checking(what: str, check) -> None:
         try:
@@ -107,9 +116,14 @@ def validate(config: ScoreConfig) -> None:
         return f"{listed.count} {unit}, format {fmt}" + (f", {rows} rows" if rows is not None else "")
 
     def model() -> str:
-        checked = models.check(config.model, allow_pickle=config.allow_pickle)
+        checked = models.check(config.model, allow_pickle=config.allow_pickle, model_arch=config.model_arch)
+        checkpoint.append(checked)
+        task = models.task_for(config.task, checked)  # issue 17: classify, embed or both
         top_k, note = models.top_k_used(config.top_k, checked.labels)
-        return f"{checked.summary()}; top_k {top_k} label(s) per row" + (f" (warning: {note})" if note else "")
+        if task == "embed":
+            return f"{checked.summary()}; task embed"
+        return (f"{checked.summary()}; task {task}, top_k {top_k} label(s) per row"
+                + (f" (warning: {note})" if note else ""))
 
     def committed() -> str:
         if "{date}" in config.output:
@@ -119,8 +133,40 @@ def validate(config: ScoreConfig) -> None:
             return f"{config.output} holds committed run {manifest['run_id']}; score is a no-op there unless --overwrite"
         return f"{config.output} (no committed run)"
 
+    def thresholds() -> str:
+        # The same call as `score` makes before Ray (pipeline.score): unknown labels, values
+        # outside [0, 1], a thresholds file for a single-label (softmax) checkpoint.
+        t = postprocess.run_thresholds(config, checkpoint[0].labels, checkpoint[0].multi_label)
+        if t is None:
+            return f"none (single-label checkpoint: softmax, top_k labels per row; threshold {config.threshold} unused)"
+        return (f"default {t.default}" + (f", {len(t.per_label)} per-label from {t.file}" if t.per_label or t.file
+                                          else ""))
+
+    def label_source() -> str:
+        spec = evaluation.spec_for(config, checkpoint[0].labels, checkpoint[0].multi_label)  # as `score` does
+        kind = "multi-label" if spec.multi_label else "single-label"
+        if spec.source == "file":
+            return f"{spec.labels_file}: {len(spec.mapping)} labelled id(s), {kind} evaluation"
+        return f"{spec.source}" + (f" (column {spec.column})" if spec.column else "") + f", {kind} evaluation"
+
+    def baseline() -> str:
+        run_id = drift.check_baseline(config)
+        if run_id is None:
+            return f"{config.baseline} holds {{date}}: checked per date"
+        return f"{config.baseline} holds committed run {run_id}"
+
     checking("inputs", inputs)
     checking("model", model)
+    for name, check, wanted in (("thresholds", thresholds, config.thresholds or config.threshold != 0.5),
+                                ("label source", label_source, config.label_source)):
+        if not wanted:
+            continue
+        if checkpoint:
+            checking(name, check)
+        else:
+            said.append(f"{name}: not checked (the checkpoint could not be read)")
+    if config.baseline:
+        checking("baseline", baseline)
     said.append(f"output: {committed()}")
     seconds = time.monotonic() - started
     said.append(f"{len(failed)} check(s) FAILED in {seconds:.2f}s" if failed else
@@ -129,7 +175,7 @@ def validate(config: ScoreConfig) -> None:
         print(f"validate: {line}", file=sys.stderr)
     if failed:
         raise failed[0]
-    _out(json.dumps(config.to_dict(), indent=2))
+    _out(json.dumps(config.to_job(), indent=2))  # a valid job file, wherever it is saved
 
 
 def run_command(argv: list[str], action) -> int:
@@ -141,16 +187,19 @@ def run_command(argv: list[str], action) -> int:
 
 def _guarded(command, args: argparse.Namespace) -> int:
     """Runs `command()`; every failure ends as a logged message and an exit code."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = command()
-    except Exception as e:  # noqa: BLE001 - every failure ends as a message and an exit code
-        code = _exit_code(e)
-        log.error("%s: %s", type(e).__name__, e, exc_info=code == EXIT_FAILED)
-        return code
-    if result is not None:
-        _out(json.dumps(dataclasses.asdict(result), indent=2) if getattr(args, "json", False) else result.summary())
+    from batchscore.progress import LOG_FORMAT, cli_terms
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
+    with cli_terms():  # messages and summaries say `--overwrite`, not `overwrite=True`
+        try:
+            result = command()
+        except Exception as e:  # noqa: BLE001 - every failure ends as a message and an exit code
+            code = _exit_code(e)
+            log.error("%s: %s", type(e).__name__, e, exc_info=code == EXIT_FAILED)
+            return code
+        if result is not None:
+            _out(json.dumps(dataclasses.asdict(result), indent=2) if getattr(args, "json", False)
+                 else result.summary())
     return EXIT_OK
 
 
@@ -219,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "committed run.", **form)
     p.add_argument("output", help="the run's output directory or URI")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--baseline", metavar="OUTPUT", help="compare with the committed run in OUTPUT (drift; default: "
+                   "the baseline the run was scored with, e.g. the previous nightly partition); exit 6 when OUTPUT "
+                   "holds no committed run")
+    p = sub.add_parser("report", help="write the run report (_report.html): counts, labels, samples, evaluation, "
+                                      "drift", description="Write the self-contained HTML report of the committed "
+                       "run in OUTPUT to OUTPUT/_report.html (every run writes one after its commit) and print "
+                       "where it went. Exits 6 when OUTPUT holds no committed run.", **form)
+    p.add_argument("output", help="the run's output directory or URI")
+    p.add_argument("--baseline", metavar="OUTPUT", help="compare with the committed run in OUTPUT (drift; default: "
+                   "the baseline the run was scored with, e.g. the previous nightly partition); exit 6 when OUTPUT "
+                   "holds no committed run")
+    p.add_argument("--out", metavar="FILE", help="write the page here instead (a local file)")
     return parser
 
 

@@ -25,12 +25,18 @@ from batchscore import formats as _formats
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+DECODE_DEVICES = ("auto", "cpu", "cuda", "torchvision")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet", "manifest", "azureml")
-RESERVED_COLUMNS = ("id", "source", "labels", "probs", "error", "error_code", "model", "run_id")
+RESERVED_COLUMNS = ("id", "source", "labels", "probs", "embedding", "error", "error_code", "model", "run_id")
+TASKS = ("auto", "classify", "embed", "classify+embed")
+EMBED_POOLS = ("auto", "cls", "pooler", "mean")
+EMBED_DTYPES = ("float32", "float16")
 # The input formats that have something to pass through: columns, or a tar sample's members.
 PASSTHROUGH_FORMATS = ("manifest", "parquet", "tar")
 # The settings that name a place; in a YAML job file a local relative one is relative to the file.
-PATH_KEYS = ("input", "output", "model")
+PATH_KEYS = ("input", "output", "model", "thresholds", "label_source", "baseline")
+# Where ground truth comes from (besides a labels file): each image's parent folder, or a column.
+LABEL_SOURCES = ("folder", "column")
 
 
 class ConfigError(ValueError):
@@ -63,9 +69,19 @@ class ScoreConfig:
         allow_pickle: Accept a checkpoint whose weights are only pickle files
             (pytorch_model.bin); they are then loaded with torch.load(weights_only=True).
         top_k: How many labels per image, most probable first; 0 keeps all classes.
+        task: What each row holds: classify (top-k labels and probabilities), embed (an
+            `embedding` vector), or classify+embed (both, from one forward pass); auto =
+            classify for a checkpoint with a classification head, embed for a headless one.
+        embed_pool: The embedding: pooler (the checkpoint's trained pooler output), cls (the
+            final [CLS] token, after the last norm), mean (the mean of the final patch
+            tokens); auto = pooler where the checkpoint has trained pooler weights, else cls.
+        embed_normalize: L2-normalise each embedding (then a dot product is the cosine).
+        embed_dtype: Element type of the embedding column: float32, or float16 (half the bytes).
+        model_arch: vision_transformer .npz only: the timm architecture to build (e.g.
+            vit_base_patch16_224); None = read from the file's shapes.
         batch_size: Images per forward pass; None = measured: each inference actor runs
-            its first batches in chunks of 8, 16 and 32 images (16 to 128 on a GPU), times
-            them and keeps the fastest per image.
+            its first batches in chunks of 8, 16 and 32 images (16 to 1,024 on a GPU, by
+            its memory), times them and keeps the fastest per image.
         dtype: Model dtype; auto = fp16 on CUDA, bf16 on a CPU with native bf16, else fp32.
         device: auto = CUDA when the actor was given a GPU, else CPU.
         actors: (min, max) size of the inference actor pool.
@@ -85,6 +101,14 @@ class ScoreConfig:
         decode_nice: Niceness (0-19) of the threads that decode, on Linux: where decode
             shares cores with the model, the model's threads are served first and decode
             fills the gaps. 0 = normal priority.
+        decode_device: Where JPEGs are decoded: cpu (Pillow, in the CPU decode tasks), cuda
+            (in batches by nvJPEG on the inference actor's GPU, resized and cropped there;
+            the CPU tasks then only check headers and decode the other formats; whatever
+            nvJPEG refuses is decoded on the CPU), torchvision (the same in-actor path on
+            whatever device the actor has: libjpeg-turbo through torchvision on a CPU, for
+            tests and comparisons); auto = cuda when the inference actors have GPUs, else cpu.
+        compile: Run the model through `torch.compile` (each forward batch size compiles
+            on its first batch, its time logged; fix `batch_size` to compile once).
         max_image_pixels: Decompression-bomb guard: images declaring more pixels are refused
             before any pixel is decoded. The default is the limit where Pillow itself
             refuses (twice its `MAX_IMAGE_PIXELS` warning threshold): 178,956,970 pixels,
@@ -107,6 +131,30 @@ class ScoreConfig:
             files, score only the inputs they lack, then commit all. Without a run to
             continue, a new run starts, so it is safe to always set.
         progress_seconds: Seconds between progress lines in the log.
+        threshold: Multi-label checkpoints (`problem_type: multi_label_classification`) and
+            single-logit heads: a row holds the labels whose sigmoid score is at or above
+            their threshold, most probable first, at most `top_k` (0 = no cap); possibly
+            none. This is the threshold of every label the `thresholds` file does not name.
+        thresholds: A JSON or YAML file mapping label to threshold (0 to 1), for the labels
+            that need their own; a label the checkpoint does not have is an error.
+        label_source: Ground truth, to evaluate the run against (manifest `evaluation`,
+            `inspect`, the report): `folder` (the ImageFolder layout: each image's parent
+            folder is its class), `column` (the `label_column` of a manifest or Parquet
+            input, or a tar sample's member of that extension, e.g. `cls`), or a CSV, JSONL
+            or JSON file of `file` (or `id`) and `label_column` (default `label`) columns.
+            A multi-label row's labels are separated by commas (or a JSON list).
+        label_column: The ground-truth column (label_source `column`, implied when only this
+            is set; it is carried into the output like a passthrough column) or the label
+            column of a labels file.
+        baseline: The committed output to compare this run with in its report (label
+            distribution, error rate, mean top-1 confidence); jobs/nightly.py and backfill
+            set it to the previous committed date partition.
+        drift_psi: Flag drift when the population stability index of the top-1 label
+            distribution against the baseline exceeds this (0.1 some, 0.25 a large shift).
+        drift_js: Flag drift when the Jensen-Shannon divergence (base 2, from 0 to 1) of the
+            top-1 label distributions exceeds this.
+        drift_error_rate: Flag drift when the share of error rows changes by more than this.
+        drift_confidence: Flag drift when the mean top-1 probability changes by more than this.
     """
 
     input: tuple[str, ...] = ()
@@ -121,6 +169,11 @@ class ScoreConfig:
     model: str | None = None
     allow_pickle: bool = False
     top_k: int = 5
+    task: Literal["auto", "classify", "embed", "classify+embed"] = "auto"
+    embed_pool: Literal["auto", "cls", "pooler", "mean"] = "auto"
+    embed_normalize: bool = False
+    embed_dtype: Literal["float32", "float16"] = "float32"
+    model_arch: str | None = None
     batch_size: int | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -130,6 +183,8 @@ class ScoreConfig:
     decode_cpus: float = 0.5
     decode_batch_size: int = 32
     decode_nice: int = 10
+    decode_device: Literal["auto", "cpu", "cuda", "torchvision"] = "auto"
+    compile: bool = False
     decoded_queue_mb: int = 256
     max_image_pixels: int = 178_956_970
     formats: tuple[str, ...] = _formats.DEFAULT_FORMATS
@@ -138,9 +193,23 @@ class ScoreConfig:
     overwrite: bool = False
     resume: bool = False
     progress_seconds: float = 10.0
+    threshold: float = 0.5
+    thresholds: str | None = None
+    label_source: str | None = None
+    label_column: str | None = None
+    baseline: str | None = None
+    drift_psi: float = 0.2
+    drift_js: float = 0.1
+    drift_error_rate: float = 0.02
+    drift_confidence: float = 0.05
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
+        if self.label_column and self.label_source is None:
+            object.__setattr__(self, "label_source", "column")
+        if self.label_source == "column" and self.label_column and self.label_column not in self.passthrough:
+            # The ground truth is carried to the write stage (and the output) as a passthrough column.
+            object.__setattr__(self, "passthrough", (*self.passthrough, self.label_column))
         self._validate()
 
     # -- construction ------------------------------------------------------------------
@@ -192,6 +261,12 @@ class ScoreConfig:
         """JSON-ready dict (tuples as lists), as written into the run manifest."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def to_job(self) -> dict[str, Any]:
+        """`to_dict` with local relative paths made absolute (from the working directory): a
+        job file's contents that mean the same wherever the file is put (a job file's own
+        relative paths are relative to its folder)."""
+        return _relative_to(self.to_dict(), Path.cwd())
+
     # -- validation --------------------------------------------------------------------
 
     def _validate(self) -> None:
@@ -212,6 +287,10 @@ class ScoreConfig:
         need(self.dtype in DTYPES, f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.device in DEVICES, f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.top_k >= 0, f"top_k: expected 0 (all classes) or a positive number, got {self.top_k}")
+        need(self.task in TASKS, f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        need(self.embed_pool in EMBED_POOLS, f"embed_pool: expected one of {', '.join(EMBED_POOLS)}, got {self.embed_pool!r}")
+        need(self.embed_dtype in EMBED_DTYPES,
+             f"embed_dtype: expected one of {', '.join(EMBED_DTYPES)}, got {self.embed_dtype!r}")
         need(self.batch_size is None or self.batch_size >= 1, f"batch_size: expected a positive number, got {self.batch_size}")
         need(self.decode_batch_size >= 1, f"decode_batch_size: expected a positive number, got {self.decode_batch_size}")
         lo, hi = self.actors
@@ -223,6 +302,10 @@ class ScoreConfig:
         need(self.decode_cpus > 0, f"decode_cpus: expected a number > 0, got {self.decode_cpus}")
         need(self.decoded_queue_mb >= 16, f"decoded_queue_mb: expected at least 16 (MiB), got {self.decoded_queue_mb}")
         need(0 <= self.decode_nice <= 19, f"decode_nice: expected a niceness from 0 to 19, got {self.decode_nice}")
+        need(self.decode_device in DECODE_DEVICES,
+             f"decode_device: expected one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}")
+        need(not (self.decode_device == "cuda" and self.device == "cpu"),
+             "decode_device=cuda needs the model on a GPU, but device is cpu; use decode_device cpu or torchvision")
         need(self.max_image_pixels >= 1, f"max_image_pixels: expected a positive number, got {self.max_image_pixels}")
         need(self.rows_per_file is None or self.rows_per_file >= 1,
              f"rows_per_file: expected a positive number, got {self.rows_per_file}")
@@ -232,6 +315,15 @@ class ScoreConfig:
         need(bool(self.formats), "formats: expected at least one image format, got none")
         need(self.extensions is None or all(e.startswith(".") for e in self.extensions),
              f"extensions: expected endings that start with '.', got {list(self.extensions or ())}")
+        need(0.0 <= self.threshold <= 1.0, f"threshold: expected a number from 0 to 1, got {self.threshold}")
+        need(self.label_source != "column" or bool(self.label_column),
+             "label_source: 'column' needs label_column (the manifest or Parquet column, or tar member, "
+             "holding each image's label)")
+        need(self.label_source != "column" or self.input_format in ("auto", *PASSTHROUGH_FORMATS),
+             f"label_column: ground truth from a column needs manifest, Parquet or tar inputs, but input_format "
+             f"is {self.input_format}; use label_source folder or a labels file")
+        for name in ("drift_psi", "drift_js", "drift_error_rate", "drift_confidence"):
+            need(getattr(self, name) >= 0, f"{name}: expected a number >= 0, got {getattr(self, name)}")
 
     def image_endings(self) -> frozenset[str]:
         """File endings (lower case) that make a listed file an image: `extensions`, or those of `formats`."""
@@ -271,6 +363,8 @@ def _relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     """`data` with each local relative path in `PATH_KEYS` joined to `folder` (absolute)."""
     def place(value: Any) -> Any:
         if not isinstance(value, str) or not value or "://" in value or value.startswith("~") or os.path.isabs(value):
+            return value
+        if value in LABEL_SOURCES:  # label_source: a keyword, not a file
             return value
         return os.path.normpath(os.path.join(folder, value))
 

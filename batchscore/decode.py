@@ -28,6 +28,7 @@ import re
 import struct
 import sys
 import threading
+import time
 import warnings
 import zlib
 
@@ -123,6 +124,7 @@ def _renice(nice: int) -> None:
 
 def _decode_rows(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_image_pixels: int,
                  formats: tuple[str, ...]) -> dict[str, np.ndarray]:
+    began = time.perf_counter()
     h, w = spec.output_hw
     n = len(batch["id"])
     pixels = np.zeros((n, 3, h, w), dtype=np.uint8)
@@ -137,7 +139,10 @@ def _decode_rows(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_image_p
         except Exception as e:  # noqa: BLE001 - a bug of ours still costs one row only
             log.exception("decode.internal on %s (a bug in batchscore: please report it)", batch["id"][i])
             errors[i] = _error("decode.internal", f"{type(e).__name__}: {e}")
-    return {"id": batch["id"], "pixels": pixels, "error": np.array(errors, dtype=object), "meta": batch["meta"]}
+    # Seconds of decode per row: the actor weighs them against its model time (batchscore.sizing).
+    seconds = np.full(n, (time.perf_counter() - began) / max(n, 1))
+    return {"id": batch["id"], "pixels": pixels, "error": np.array(errors, dtype=object), "meta": batch["meta"],
+            "decode_seconds": seconds}
 
 
 def decode_one(data: bytes, spec: PreprocessSpec, max_image_pixels: int,
@@ -370,16 +375,22 @@ def scale_to_8bit(samples: np.ndarray) -> np.ndarray:
 def resize_and_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Resize and centre crop an RGB image as the checkpoint's image processor does."""
     import torch
+
+    return resize_and_crop_tensor(torch.from_numpy(np.array(image)).permute(2, 0, 1), spec).contiguous().numpy()
+
+
+def resize_and_crop_tensor(t, spec: PreprocessSpec):
+    """`resize_and_crop` on a uint8 [3, H, W] tensor, on whatever device it is (the CPU
+    decode path and `batchscore.device_decode` share it, so both crop alike)."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    t = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     if spec.size or spec.shortest_edge:
         t = F.resize(t, list(resize_target(t.shape[-2:], spec)), interpolation=InterpolationMode(spec.interpolation),
                      antialias=True)
     if spec.crop:
-        t = _center_crop(t, spec.crop)
-    return t.contiguous().numpy()
+        t = _center_crop(t, spec.crop, spec.crop_offsets)
+    return t
 
 
 def resize_target(hw: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
@@ -392,8 +403,9 @@ def resize_target(hw: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
     return (new_long, new_short) if w <= h else (new_short, new_long)
 
 
-def _center_crop(t, crop: tuple[int, int]):
-    """transformers' torchvision-backend centre crop: zero-pad when smaller, then int offsets."""
+def _center_crop(t, crop: tuple[int, int], offsets: str = "floor"):
+    """transformers' torchvision-backend centre crop: zero-pad when smaller, then int offsets;
+    `offsets="round"` rounds them as torchvision's `CenterCrop` does (timm checkpoints)."""
     from torchvision.transforms.v2 import functional as F
 
     ch, cw = crop
@@ -403,7 +415,8 @@ def _center_crop(t, crop: tuple[int, int]):
                (cw - w + 1) // 2 if cw > w else 0, (ch - h + 1) // 2 if ch > h else 0]
         t = F.pad(t, pad, fill=0)
         h, w = t.shape[-2:]
-    top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
+    place = round if offsets == "round" else int
+    top, left = int(place((h - ch) / 2.0)), int(place((w - cw) / 2.0))
     return t[..., top:top + ch, left:left + cw]
 
 

@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -442,11 +443,12 @@ def _from_manifests(manifests: list[str], config: ScoreConfig) -> pa.Table:
         empty = pc.or_kleene(pc.is_null(uri), pc.equal(uri, ""))
         if pc.any(empty).as_py():
             n = pc.index(empty, True).as_py()
-            raise ListingError(f"manifest {manifest} row {n}: empty {config.uri_column!r}")
+            raise ListingError(f"manifest {manifest}: data row {n + 1} has an empty {config.uri_column!r}; "
+                               "every row must name an image")
         base = manifest.rsplit("/", 1)[0]
         relative = pc.and_(pc.invert(pc.match_substring(uri, "://")), pc.invert(pc.starts_with(uri, "/")))
         uri = pc.if_else(relative, pc.binary_join_element_wise(base, uri, "/"), uri)  # relative to the manifest
-        tables.append(table.set_column(0, "uri", uri))
+        tables.append(table.set_column(0, "uri", _normalized(uri)))
     table = pa.concat_tables(tables).combine_chunks()
     del tables
     table = table.take(pc.sort_indices(table, sort_keys=[("uri", "ascending")]))  # stable: first row first
@@ -454,13 +456,34 @@ def _from_manifests(manifests: list[str], config: ScoreConfig) -> pa.Table:
     first = pa.concat_arrays([pa.array([True]), pc.not_equal(uri.slice(1), uri.slice(0, len(uri) - 1))])
     duplicates = len(first) - pc.sum(first).as_py()
     if duplicates:
-        log.warning("manifests list %d URI(s) more than once; each is scored once (first row kept)", duplicates)
+        repeated = uri.filter(pc.invert(first)).unique()[:3].to_pylist()
+        log.warning("manifests list %d URI(s) more than once, e.g. %s; each is scored once, with the columns of its "
+                    "first row (in the order the manifests were given)", duplicates, repeated)
         table = table.filter(first)
     passthrough = None
     if config.passthrough:
         passthrough = pa.StructArray.from_arrays([table.column(c).combine_chunks() for c in config.passthrough],
                                                  names=list(config.passthrough))
     return _table(table.column("uri"), passthrough=passthrough)
+
+
+def _normalized(uris: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Paths with `.` or `..` parts written as the path they name (`/data/m/../a.jpg` is
+    `/data/a.jpg`), so one image is one id however a manifest spells it; URLs keep their
+    scheme (`gs://b/x/../a.jpg` is `gs://b/a.jpg`). Only the rows that hold such a part are
+    touched."""
+    dotted = pc.match_substring_regex(uris, r"(^|/)\.\.?(/|$)")
+    if not pc.any(dotted).as_py():
+        return uris
+
+    def clean(uri: str) -> str:
+        scheme, sep, path = uri.rpartition("://")
+        return f"{scheme}{sep}{posixpath.normpath(path)}" if sep else posixpath.normpath(uri)
+
+    values = uris.to_pylist()
+    for i in pc.indices_nonzero(dotted).to_pylist():
+        values[i] = clean(values[i])
+    return pa.chunked_array([pa.array(values, pa.string())])
 
 
 def _manifest_table(uri: str, columns: list[str], config: ScoreConfig) -> pa.Table:

@@ -1,5 +1,14 @@
 """Models: resolve a checkpoint reference and read what travels with the weights.
 
+Three layouts (the table in README.md says what is read from where):
+
+    transformers   a Hugging Face folder: config.json (`architectures`, `id2label`),
+                   preprocessor_config.json, model.safetensors; a headless one (`ViTModel`)
+                   embeds, a classifier classifies (and may embed too)
+    timm           timm's Hugging Face folder: config.json (`architecture`, `pretrained_cfg`),
+                   model.safetensors (`batchscore.timm_models`)
+    npz            a google-research/vision_transformer `.npz` file (`batchscore.timm_models`)
+
 Everything about a model comes from its own files: labels and task from `config.json`,
 preprocessing from `preprocessor_config.json` (resolved through the checkpoint's own
 transformers image-processor class, so defaults and legacy forms such as `"size": 224` mean
@@ -8,13 +17,16 @@ neither an existing directory nor a bucket URI is an error: batchscore never fal
 hub download, and never runs code shipped with a checkpoint (`trust_remote_code` is never set).
 
 `check` is the cheap part of `resolve`: the checkpoint's files, labels and weights, read
-without transformers or torch (a run does it before Ray starts; `batchscore validate` too).
+without transformers, and without torch for transformers folders (timm folders and `.npz`
+files import timm there, to check the architecture; a run does it before Ray starts,
+`batchscore validate` too).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +62,7 @@ class PreprocessSpec:
     rescale_factor: float | None
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
+    crop_offsets: str = "floor"  # centre-crop offsets: floor (transformers) or round (torchvision, timm)
 
     @property
     def output_hw(self) -> tuple[int, int]:
@@ -74,7 +87,16 @@ class ModelInfo:
     multi_label: bool
     preprocess: PreprocessSpec
     cache_key: str | None = None  # content key of a checkpoint fetched from a bucket
-    weights_format: str = "safetensors"  # or "pickle", only with allow_pickle
+    weights_format: str = "safetensors"  # or "pickle", only with allow_pickle; "npz"
+    layout: str = "transformers"  # or "timm" (timm's HF folder), "npz" (vision_transformer file)
+    architecture: str = ""  # the transformers class, or the timm model name
+    has_head: bool = True  # a trained classification head (labels non-empty)
+    has_pooler: bool = False  # trained pooler weights (transformers' pooler, an npz's pre_logits);
+    # always True for timm folders, whose pre-logits features (timm's own pooling) are the pooler
+    hidden_dim: int = 0  # width of the final tokens (cls and mean embeddings)
+    pooler_dim: int = 0  # width of the pooler output
+    model_args: str = "{}"  # timm: create_model keyword arguments, as JSON
+    weights_file: str = "model.safetensors"  # relative to `path`'s folder; the .npz file's name
 
     @property
     def tag(self) -> str:
@@ -93,22 +115,33 @@ class CheckpointFiles:
     labels: tuple[str, ...]
     multi_label: bool
     weights: str  # the weights file: model.safetensors, its index, or pytorch_model.bin
-    weights_format: str  # "safetensors", or "pickle" (only with allow_pickle)
+    weights_format: str  # "safetensors", or "pickle" (only with allow_pickle), or "npz"
+    layout: str = "transformers"  # or "timm", "npz"
+    has_head: bool = True  # False: headless (no labels), scored with task embed
+
+    @property
+    def headless(self) -> bool:
+        return not self.has_head
 
     def summary(self) -> str:
-        return (f"{self.name} ({self.model_type}): {len(self.labels)} labels, weights {self.weights} "
+        labels = f"{len(self.labels)} labels" if self.has_head else "headless (embeddings)"
+        layout = "" if self.layout == "transformers" else f", {self.layout}"
+        return (f"{self.name} ({self.model_type}{layout}): {labels}, weights {self.weights} "
                 f"({self.weights_format}), at {self.where}")
 
 
-def check(ref: str | None, allow_pickle: bool = False) -> CheckpointFiles:
-    """Checks a checkpoint's files, cheaply: without importing transformers or torch, without
-    downloading weights (a bucket folder is listed and its two small JSON files read).
+def check(ref: str | None, allow_pickle: bool = False, model_arch: str | None = None) -> CheckpointFiles:
+    """Checks a checkpoint's files, cheaply: without importing transformers (nor torch, for a
+    transformers folder), without downloading weights (a bucket folder is listed and its two small JSON files read).
 
     It is the part of `resolve` that needs neither, so a run learns of a missing folder, a
     missing `preprocessor_config.json`, pickle-only or absent weights, or a headless
     `config.json` in well under a second, before Ray starts; `resolve` raises the same
     `ModelError`s (both go through `_check_files`). What only transformers can tell
-    (how it reads the preprocessing) is left to `resolve`.
+    (how it reads the preprocessing) is left to `resolve`. A timm folder's or .npz's
+    architecture is checked against timm's model names here (importing timm, for those
+    layouts only), and every array of a local .npz against the shape its architecture (or
+    `model_arch`) expects.
 
     Raises:
         ModelError: As `resolve` would for the checkpoint's files.
@@ -118,6 +151,12 @@ def check(ref: str | None, allow_pickle: bool = False) -> CheckpointFiles:
 
         fs, root = fsutil.resolve(ref)
         root = root.rstrip("/")
+        if root.endswith(".npz"):  # its shapes are read once it is fetched (resolve)
+            if not fs.isfile(root):
+                raise ModelError(f"model {ref!r}: no such .npz file (batchscore never downloads from a hub)")
+            return CheckpointFiles(ref=str(ref), where=ref, name=root.rsplit("/", 1)[-1][:-4], model_type="vit",
+                                   labels=(), multi_label=False, weights=root.rsplit("/", 1)[-1],
+                                   weights_format="npz", layout="npz", has_head=True)
         try:
             infos = fs.ls(root, detail=True)
         except FileNotFoundError:
@@ -127,12 +166,32 @@ def check(ref: str | None, allow_pickle: bool = False) -> CheckpointFiles:
             raise ModelError(_not_a_folder(ref, ref))
         return _check_files(ref, ref.rstrip("/"), names, lambda name: fs.cat_file(f"{root}/{name}"), allow_pickle)
     path = _local_path(ref)
+    if path.suffix == ".npz" and path.is_file():
+        return _check_npz(ref, path, model_arch)[0]
     if not path.is_dir():
         raise ModelError(_not_a_folder(ref, path))
     return _check_files(ref, str(path), _file_names(path), lambda name: (path / name).read_bytes(), allow_pickle)
 
 
-def resolve(ref: str | None, allow_pickle: bool = False) -> ModelInfo:
+def _check_npz(ref: str | None, path: Path, model_arch: str | None = None) -> tuple[CheckpointFiles, dict]:
+    """A vision_transformer .npz: its arrays' shapes (headers only, no pickle) against its
+    architecture's, and labels. Returns (the files, `timm_models.npz_architecture`'s answer)."""
+    from batchscore import timm_models
+
+    try:
+        shapes = timm_models.npz_shapes(path)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise ModelError(f"model {ref!r}: {path} is not a readable .npz of plain arrays: {e}") from None
+    arch = timm_models.npz_architecture(shapes, ref, str(path), model_arch)
+    headless = arch["num_classes"] == 0 or timm_models.npz_head_is_zero(path, arch["prefix"])
+    labels = () if headless else timm_models.npz_labels(path, arch["num_classes"], ref)
+    files = CheckpointFiles(ref=str(ref), where=str(path.parent), name=path.stem, model_type="vit", labels=labels,
+                            multi_label=False, weights=path.name, weights_format="npz", layout="npz",
+                            has_head=not headless)
+    return files, arch
+
+
+def resolve(ref: str | None, allow_pickle: bool = False, model_arch: str | None = None) -> ModelInfo:
     """Resolves a model reference to a local checkpoint and reads its metadata.
 
     Args:
@@ -140,6 +199,7 @@ def resolve(ref: str | None, allow_pickle: bool = False) -> ModelInfo:
             node's cache, see `batchscore.cache`), or None for the demo checkpoint.
         allow_pickle: Accept pickle weights when there are no safetensors ones; they are
             loaded with `torch.load(weights_only=True)`, which needs torch >= 2.6.
+        model_arch: For an .npz: the timm architecture to build; None = from its shapes.
 
     Raises:
         ModelError: The checkpoint does not exist, lacks a file, holds only pickle weights,
@@ -153,11 +213,20 @@ def resolve(ref: str | None, allow_pickle: bool = False) -> ModelInfo:
             path, cache_key = cache.fetch_checkpoint(ref, allow_pickle=allow_pickle)
         except cache.CacheError as e:
             raise ModelError(str(e)) from None
+        if str(ref).rstrip("/").endswith(".npz"):
+            path = path / str(ref).rstrip("/").rsplit("/", 1)[-1]
     else:
         path = _local_path(ref)
+    if path.suffix == ".npz" and path.is_file():
+        return _resolve_npz(ref, path, cache_key, model_arch)
     if not path.is_dir():
         raise ModelError(_not_a_folder(ref, path))
     files = _check_files(ref, str(path), _file_names(path), lambda name: (path / name).read_bytes(), allow_pickle)
+    if files.layout == "timm":
+        return _resolve_timm(files, path, cache_key)
+    config = json.loads((path / "config.json").read_text())
+    keys = _weight_names(path, files.weights) if files.weights_format == "safetensors" else set()
+    hidden = int(config.get("hidden_size") or 0)
     return ModelInfo(
         ref="<demo>" if ref is None else str(ref),
         path=str(path.resolve()),
@@ -169,13 +238,126 @@ def resolve(ref: str | None, allow_pickle: bool = False) -> ModelInfo:
         preprocess=preprocess_spec(path),
         cache_key=cache_key,
         weights_format=files.weights_format,
+        architecture=str((config.get("architectures") or ["?"])[0]),
+        has_head=files.has_head,
+        has_pooler=any(".pooler." in f".{k}" for k in keys),
+        hidden_dim=hidden,
+        pooler_dim=int(config.get("pooler_output_size") or hidden),
+        weights_file=files.weights,
     )
+
+
+def _resolve_timm(files: CheckpointFiles, path: Path, cache_key: str | None) -> ModelInfo:
+    """A folder in timm's Hugging Face layout: preprocessing from `pretrained_cfg`."""
+    from batchscore import timm_models
+
+    config = json.loads((path / "config.json").read_text())
+    args = dict(config.get("model_args") or {})
+    args["num_classes"] = timm_models.num_classes(config)
+    # the embedding widths from the checkpoint: its head's input, config.json's num_features...
+    features, pre_logits = timm_models.folder_dims(config, timm_models.safetensors_shapes(path / files.weights))
+    return ModelInfo(
+        ref=files.ref, path=str(path.resolve()), name=files.name, model_type=files.model_type,
+        weights_sha256=_sha256_weights(path, path / files.weights), labels=files.labels, multi_label=False,
+        preprocess=timm_models.preprocess_from_cfg(config.get("pretrained_cfg") or {}, f"{path}/config.json"),
+        cache_key=cache_key, layout="timm", architecture=config["architecture"], has_head=files.has_head,
+        has_pooler=True, hidden_dim=features, pooler_dim=pre_logits, model_args=json.dumps(args),
+        weights_file=files.weights,
+    )
+
+
+def _resolve_npz(ref: str | None, path: Path, cache_key: str | None, model_arch: str | None) -> ModelInfo:
+    """A vision_transformer .npz: architecture from its shapes (or `model_arch`), the README's
+    preprocessing, labels as `timm_models.npz_labels` finds them."""
+    from batchscore import timm_models
+
+    files, arch = _check_npz(ref, path, model_arch)
+    kwargs = dict(arch["kwargs"], num_classes=arch["num_classes"] if files.has_head else 0)
+    if model_arch:
+        kwargs = {"num_classes": kwargs["num_classes"], "global_pool": kwargs["global_pool"]}
+    if files.has_head and arch["pre_logits"]:
+        raise ModelError(f"model {ref!r}: {path} has a head on a pre-logits layer, which timm's loader drops; "
+                         "score it with task embed")
+    return ModelInfo(
+        ref=str(ref), path=str(path.resolve()), name=files.name, model_type="vit",
+        weights_sha256=_sha256_weights(path.parent, path), labels=files.labels, multi_label=False,
+        preprocess=timm_models.npz_preprocess(arch["img_size"]), cache_key=cache_key, weights_format="npz",
+        layout="npz", architecture=model_arch or "vit_base_patch16_224", has_head=files.has_head,
+        has_pooler=bool(arch["pre_logits"]), hidden_dim=arch["dim"], pooler_dim=arch["pre_logits"] or arch["dim"],
+        model_args=json.dumps(kwargs), weights_file=path.name,
+    )
+
+
+def _weight_names(path: Path, weights: str) -> set[str]:
+    """The tensor names of a safetensors checkpoint, from the file headers (or the shard index)."""
+    if weights.endswith(".index.json"):
+        return set(json.loads((path / weights).read_text()).get("weight_map", {}))
+    with open(path / weights, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return set(json.loads(f.read(n))) - {"__metadata__"}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a run's rows hold: the resolved task and, when it embeds, how the vector is made."""
+
+    task: str  # classify, embed or classify+embed
+    pool: str | None = None  # cls, pooler or mean; None when the task does not embed
+    normalize: bool = False
+    dtype: str = "float32"  # of the embedding column: float32 or float16
+    dim: int = 0
+
+    @property
+    def classifies(self) -> bool:
+        return self.task in ("classify", "classify+embed")
+
+    @property
+    def embeds(self) -> bool:
+        return self.task in ("embed", "classify+embed")
+
+
+def task_for(task: str, files: CheckpointFiles | ModelInfo) -> str:
+    """The task a run does: `task`, or (auto) classify with a head, embed without one.
+
+    Raises:
+        ModelError: classification asked of a headless checkpoint.
+    """
+    if task == "auto":
+        return "classify" if files.has_head else "embed"
+    if task != "embed" and not files.has_head:
+        raise ModelError(f"model {files.ref!r}: task {task} needs a classification head, but the checkpoint is "
+                         "headless (no trained head: no labels); use task embed for its embeddings")
+    return task
+
+
+def task_spec(config, model: ModelInfo) -> TaskSpec:
+    """The run's `TaskSpec` from its config and checkpoint.
+
+    Raises:
+        ModelError: classification of a headless checkpoint, or a pooler it does not have.
+    """
+    task = task_for(config.task, model)
+    if task == "classify":
+        return TaskSpec(task)
+    pool = config.embed_pool
+    if pool == "auto":
+        pool = "pooler" if model.has_pooler else "cls"
+    if pool == "pooler" and not model.has_pooler:
+        raise ModelError(f"model {model.ref!r}: embed_pool pooler, but the checkpoint has no trained pooler "
+                         "weights; use cls (the final [CLS] token) or mean (of the patch tokens)")
+    dim = model.pooler_dim if pool == "pooler" else model.hidden_dim
+    if dim <= 0:
+        raise ModelError(f"model {model.ref!r}: task {task} with embed_pool {pool}, but the checkpoint does not say "
+                         f"how wide that embedding is (its {model.layout} files name no width for it)")
+    return TaskSpec(task, pool, config.embed_normalize, config.embed_dtype, dim)
 
 
 def top_k_used(top_k: int, labels: tuple[str, ...]) -> tuple[int, str | None]:
     """(labels per row a run writes, a warning when `top_k` asks for more classes than there are)."""
     from batchscore.postprocess import Postprocessor
 
+    if not labels:  # headless: the run embeds, no labels are written
+        return 0, None
     k = Postprocessor(tuple(labels), top_k, multi_label=False).k
     if top_k > len(labels):
         return k, f"top_k={top_k} but the checkpoint has {len(labels)} classes: using {k}"
@@ -201,9 +383,16 @@ def _check_files(ref: str | None, where: str, names: set[str], read, allow_pickl
     `names` are the file names in the folder (`where`), `read(name)` returns one's bytes.
     The one place these `ModelError` messages are made, for `check` and `resolve` alike.
     """
-    for needed in ("config.json", "preprocessor_config.json"):
-        if needed not in names:
-            raise ModelError(f"model {ref!r}: {needed} is missing from {where}")
+    if "config.json" not in names:
+        raise ModelError(f"model {ref!r}: config.json is missing from {where}")
+    config = _json(ref, where, "config.json", read)
+    remote = ref is not None and _is_remote(ref)
+    name = ("batchscore-demo-digits" if ref is None else
+            str(ref).rstrip("/").rsplit("/", 1)[-1] if remote else Path(where).resolve().name)
+    if _timm_config(config):
+        return _check_timm_files(ref, where, names, config, name)
+    if "preprocessor_config.json" not in names:
+        raise ModelError(f"model {ref!r}: preprocessor_config.json is missing from {where}")
     weights = [w for w in _SAFETENSORS if w in names]
     weights_format = "safetensors"
     if not weights:
@@ -227,21 +416,42 @@ def _check_files(ref: str | None, where: str, names: set[str], read, allow_pickl
         if missing or not shards:
             raise ModelError(f"model {ref!r}: {weights[0]} in {where} names shard(s) missing from it: "
                              f"{missing or 'none named'}")
-    config = _json(ref, where, "config.json", read)
     labels, multi_label = _labels(config, ref)
     _refuse_unimplemented(_json(ref, where, "preprocessor_config.json", read), f"{where}/preprocessor_config.json")
-    remote = ref is not None and _is_remote(ref)
     return CheckpointFiles(
         ref="<demo>" if ref is None else str(ref),
         where=where,
-        name=("batchscore-demo-digits" if ref is None else
-              str(ref).rstrip("/").rsplit("/", 1)[-1] if remote else Path(where).resolve().name),
+        name=name,
         model_type=str(config.get("model_type", "?")),
         labels=labels,
         multi_label=multi_label,
         weights=weights[0],
         weights_format=weights_format,
+        has_head=bool(labels),
     )
+
+
+def _timm_config(config: dict) -> bool:
+    from batchscore.timm_models import is_timm_config
+
+    return is_timm_config(config)
+
+
+def _check_timm_files(ref: str | None, where: str, names: set[str], config: dict, name: str) -> CheckpointFiles:
+    """A folder in timm's Hugging Face layout: model.safetensors (never pickle) and labels."""
+    from batchscore import timm_models
+
+    if "model.safetensors" not in names:
+        found = sorted(n for n in names if n.endswith(_PICKLE_ENDINGS))
+        raise ModelError(f"model {ref!r}: no model.safetensors in timm checkpoint {where}"
+                         + (f" (found {found}: batchscore does not load pickle weights of timm checkpoints)"
+                            if found else ""))
+    timm_models.check_config(config, ref, where)  # pretrained_cfg there; an architecture timm knows
+    labels = timm_models.folder_labels(config, ref, where)
+    return CheckpointFiles(ref="<demo>" if ref is None else str(ref), where=where, name=name,
+                           model_type=str(config["architecture"]), labels=labels, multi_label=False,
+                           weights="model.safetensors", weights_format="safetensors", layout="timm",
+                           has_head=bool(labels))
 
 
 def _json(ref: str | None, where: str, name: str, read) -> dict:
@@ -261,7 +471,8 @@ def local_path(model: ModelInfo) -> str:
     from batchscore import cache
 
     allow_pickle = model.weights_format == "pickle"
-    return str(cache.fetch_checkpoint(model.ref, expect_key=model.cache_key, allow_pickle=allow_pickle)[0])
+    folder = cache.fetch_checkpoint(model.ref, expect_key=model.cache_key, allow_pickle=allow_pickle)[0]
+    return str(folder / model.weights_file) if model.layout == "npz" else str(folder)
 
 
 def _require_safe_torch_load(ref: str | None) -> None:
@@ -285,13 +496,16 @@ def _is_remote(ref: str) -> bool:
 
 
 def _labels(config: dict, ref: str | None) -> tuple[tuple[str, ...], bool]:
+    """(labels, multi_label) of a transformers checkpoint; () for a headless one (`ViTModel`)."""
     archs = config.get("architectures") or []
+    if any(a.endswith("Model") and not a.endswith("PreTrainedModel") for a in archs):
+        return (), False  # headless: embeddings only (its config's id2label names no trained head)
     if not any(a.endswith("ForImageClassification") or a.endswith("ForImageClassificationWithTeacher")
                for a in archs):
         raise ModelError(
-            f"model {ref!r}: expected a checkpoint with an image-classification head, but its "
-            f"config.json names architectures {archs}; a headless checkpoint would be scored by a "
-            "randomly initialised head"
+            f"model {ref!r}: expected a checkpoint with an image-classification head (…ForImageClassification) "
+            f"or a headless vision model (e.g. ViTModel, for embeddings), but its config.json names "
+            f"architectures {archs}"
         )
     id2label = config.get("id2label") or {}
     if not isinstance(id2label, dict):

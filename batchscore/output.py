@@ -11,7 +11,9 @@ Layout of an output directory (any fsspec URI):
     _SUCCESS                                         written last: the committed run's id; the
                                                      commit point (a single-object write)
 
-Every part holds the schema in `schemas/predictions.v1.json` plus the configured passthrough
+Every part holds the schema in `schemas/predictions.v1.json` (a run that classifies) or
+`schemas/predictions.v2.json` (a run whose task embeds: v1 plus a fixed-size `embedding`
+column, and labels/probs only when it also classifies), plus the configured passthrough
 columns (nullable strings, after `run_id`): plain Arrow types only, so pandas, pyarrow, DuckDB
 and polars read them without Ray. Readers trust only the files the manifest lists.
 
@@ -31,32 +33,57 @@ from batchscore import fs as fsutil
 
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "predictions.v1.json"
 SCHEMA_NAME = "batchscore.predictions.v1"
+SCHEMA_FILE_V2 = Path(__file__).parent / "schemas" / "predictions.v2.json"
+SCHEMA_NAME_V2 = "batchscore.predictions.v2"
 MANIFEST = "_manifest.json"
 MANIFESTS = "_manifests"
 SUCCESS = "_SUCCESS"
 STAGING = "_staging"
 ERRORS = "_errors.json"
+REPORT = "_report.html"  # the run report (`batchscore.report`), written after the commit
 # batchscore's own files and folders in an output: never inputs, wherever a listed folder holds them.
-MARKERS = frozenset({SUCCESS, MANIFEST, MANIFESTS, STAGING})
+MARKERS = frozenset({SUCCESS, MANIFEST, MANIFESTS, STAGING, REPORT})
 
-_TYPES = {"string": pa.string(), "float32": pa.float32(), "int32": pa.int32(), "int64": pa.int64()}
+_TYPES = {"string": pa.string(), "float32": pa.float32(), "float16": pa.float16(), "int32": pa.int32(),
+          "int64": pa.int64()}
 
 
 class SinkError(RuntimeError):
     """Output could not be written, does not match the schema, or its rows do not match the inputs."""
 
 
-def load_schema(path: Path = SCHEMA_FILE, passthrough: tuple[str, ...] = ()) -> pa.Schema:
-    """The output Arrow schema, from its JSON description, plus passthrough columns (strings)."""
+def load_schema(path: Path = SCHEMA_FILE, passthrough: tuple[str, ...] = (), *, task: str | None = None,
+                embed_dim: int = 0, embed_dtype: str = "float32") -> pa.Schema:
+    """The output Arrow schema, from its JSON description, plus passthrough columns (strings).
+
+    A field with `tasks` is kept only for those tasks (all of them when `task` is None); the
+    embedding's `{embed_dim}` and `{embed_dtype}` are filled in from the run."""
     spec = json.loads(path.read_text())
-    fields = [pa.field(f["name"], _arrow_type(f["type"]), nullable=f["nullable"]) for f in spec["fields"]]
+    fields = [pa.field(f["name"], _arrow_type(f["type"].format(embed_dim=embed_dim, embed_dtype=embed_dtype)),
+                       nullable=f["nullable"])
+              for f in spec["fields"] if task is None or task in f.get("tasks", [task])]
     fields += [pa.field(name, pa.string(), nullable=True) for name in passthrough]
     return pa.schema(fields, metadata={"batchscore.schema": f"{spec['name']}.v{spec['version']}"})
+
+
+def schema_for(task: str = "classify", passthrough: tuple[str, ...] = (), embed_dim: int = 0,
+               embed_dtype: str = "float32") -> pa.Schema:
+    """The schema a run of `task` writes: v1 for classify, v2 (with `embedding`) when it embeds."""
+    if task == "classify":
+        return load_schema(SCHEMA_FILE, passthrough)
+    return load_schema(SCHEMA_FILE_V2, passthrough, task=task, embed_dim=embed_dim, embed_dtype=embed_dtype)
+
+
+def schema_name(task: str) -> str:
+    return SCHEMA_NAME if task == "classify" else SCHEMA_NAME_V2
 
 
 def _arrow_type(name: str) -> pa.DataType:
     if name.startswith("list<") and name.endswith(">"):
         return pa.list_(_arrow_type(name[5:-1]))
+    if name.startswith("fixed_size_list<") and name.endswith("]"):  # fixed_size_list<float32>[768]
+        inner, size = name[len("fixed_size_list<"):-1].split(">[")
+        return pa.list_(_arrow_type(inner), int(size))
     try:
         return _TYPES[name]
     except KeyError:
@@ -111,5 +138,7 @@ def read_committed(output: str) -> pa.Table:
         if table.num_rows != part["rows"]:
             raise SinkError(f"{output}: part {part['name']} holds {table.num_rows} rows, its run's manifest "
                             f"says {part['rows']}: the file was changed after the commit")
-        tables.append(table.replace_schema_metadata(load_schema().metadata))  # not one part's statistics
+        version = (table.schema.metadata or {}).get(b"batchscore.schema")  # v1, or v2 with embeddings
+        metadata = {b"batchscore.schema": version} if version else load_schema().metadata
+        tables.append(table.replace_schema_metadata(metadata))  # not one part's statistics
     return pa.concat_tables(tables, promote_options="default") if tables else load_schema().empty_table()

@@ -14,6 +14,7 @@ is one small record per part file (`batchscore.run`), never the rows.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -23,7 +24,8 @@ import uuid
 
 import ray
 
-from batchscore import decode, listing, models, output, predict, read, resume, write
+from batchscore import decode, evaluation, listing, models, output, postprocess, predict, read, report, resume, write
+from batchscore import device_decode, drift, feed
 from batchscore.commit import commit
 from batchscore.config import ScoreConfig
 from batchscore.lease import Lease
@@ -56,8 +58,11 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.
                                batch_size=config.decode_batch_size)
     ds = ds.map_batches(read.read_batch, fn_kwargs={"options": options}, num_cpus=config.decode_cpus,
                         batch_size=None)
+    # decode_device cuda/torchvision: the CPU tasks check headers and pass JPEGs on as bytes,
+    # the actor decodes them on its device (batchscore.device_decode).
+    decode_device = device_decode.resolve(config.decode_device, resources.gpus)
     ds = ds.map_batches(
-        decode.decode_batch,
+        decode.decode_batch if decode_device == "cpu" else device_decode.check_batch,
         fn_kwargs={"spec": model.preprocess, "max_image_pixels": config.max_image_pixels, "formats": config.formats,
                    "nice": config.decode_nice},
         # None: each batch read_batch yields (decode_batch_size rows). A batch size here would
@@ -69,7 +74,15 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.
     ds = ds.map_batches(
         predict.Predictor,
         fn_constructor_kwargs={"model": model, "device": config.device, "dtype": config.dtype,
-                               "top_k": config.top_k, "batch_size": config.batch_size},
+                               "top_k": config.top_k, "batch_size": config.batch_size,
+                               "task": models.task_spec(config, model),  # issue 17: classify / embed
+                               # issue 19: JPEGs decoded in the actor, copies overlapped, torch.compile
+                               "feeding": feed.FeedOptions(
+                                   decode_on_device=decode_device != "cpu", max_image_pixels=config.max_image_pixels,
+                                   formats=config.formats, compile=config.compile, decode_cpus=config.decode_cpus,
+                                   decode_device=decode_device),
+                               # issue 18: per-label thresholds of a sigmoid head (None: softmax)
+                               "thresholds": postprocess.run_thresholds(config, model.labels, model.multi_label)},
         batch_size=batch,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=config.actors[0], max_size=config.actors[1]),
@@ -85,15 +98,24 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.
     # (GBs), and with a slow model a run's memory grew with its image count (ViT-B/16 on
     # 2 cores: +600 MiB PSS from 300 to 3,000 images, docs/benchmarks.md). Set on this
     # dataset's own context: other datasets in the process keep theirs.
+    # At least three actor batches per actor (a GPU's 1,024 images are 147 MiB), or it starves.
+    queue_mb = feed.queue_mb(config.decoded_queue_mb, batch, model.preprocess.output_hw)
+    if queue_mb > config.decoded_queue_mb:
+        log.info("decoded_queue_mb raised from %d to %d: three batches of %d images per actor", config.decoded_queue_mb,
+                 queue_mb, batch)
+    # Ray Data's issue detectors (hash shuffles, which a run has none of; a task's memory, which
+    # warned about the write tasks' ~600 MB of imports with a `memory=` a user cannot act on).
+    ds.context.issue_detectors_config = dataclasses.replace(ds.context.issue_detectors_config, detectors=[])
     limits = ds.context.execution_options.resource_limits
     ds.context.execution_options.resource_limits = limits.copy(
-        object_store_memory=config.decoded_queue_mb * 2**20 * config.actors[1])
+        object_store_memory=queue_mb * 2**20 * config.actors[1])
     return ds
 
 
 def model_batch(config: ScoreConfig, gpus: float) -> int:
     """Rows per actor call: the largest forward batch size the actor may choose."""
-    return max(predict.batch_candidates(config.batch_size, on_gpu=gpus > 0))
+    memory = feed.accelerator_memory_gib(ray.cluster_resources()) if gpus > 0 and config.batch_size is None else None
+    return max(predict.batch_candidates(config.batch_size, on_gpu=gpus > 0, gpu_memory_gib=memory))
 
 
 def task_bounds(config: ScoreConfig, inputs: listing.Listing) -> list[int]:
@@ -143,14 +165,24 @@ def score(config: ScoreConfig) -> RunResult:
         log.info("output %s already holds committed run %s", config.output, previous["run_id"])
         changed = resume.differences(previous.get("config", {}), config)
         if changed:
-            log.warning("the committed run was made with other settings (%s); its rows stand: pass overwrite to "
-                        "score again with these", "; ".join(f"{k}: {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+            from batchscore.progress import overwrite_hint  # in the caller's terms: --overwrite or overwrite=True
+
+            log.warning("the committed run was made with other settings (%s); its rows stand: pass %s to score "
+                        "again with these", "; ".join(f"{k}: {a!r}, now {b!r}" for k, (a, b) in changed.items()),
+                        overwrite_hint())
         return _result_from_manifest(previous, config.output, "already_committed")
 
     # Everything that needs no cluster is checked first, so a bad job fails in about a
     # second, not after Ray started (5-50 s): the checkpoint's files are read, the inputs listed.
     inputs, checked, timings = _prepare(config)
+    if config.resume:
+        resume.check_inputs(config.output, inputs)  # inputs changed since the staged run began: exit 2 now
+    models.task_for(config.task, checked)  # issue 17: classification of a headless checkpoint is a bad job
     _, note = models.top_k_used(config.top_k, checked.labels)
+    # issue 18: a bad thresholds or labels file is a bad job, found before Ray starts
+    postprocess.run_thresholds(config, checked.labels, checked.multi_label)
+    evaluation.spec_for(config, checked.labels, checked.multi_label)
+    drift.check_baseline(config)  # a named baseline without a committed run is a bad job, not "no drift"
     if note:
         log.warning("%s", note)
 
@@ -163,7 +195,7 @@ def score(config: ScoreConfig) -> RunResult:
         # the transformers import), so together they take the longer of the two.
         def resolve():
             begun = time.monotonic()
-            model = models.resolve(config.model, allow_pickle=config.allow_pickle)
+            model = models.resolve(config.model, allow_pickle=config.allow_pickle, model_arch=config.model_arch)
             return model, time.monotonic() - begun
 
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
@@ -188,7 +220,7 @@ def _prepare(config: ScoreConfig):
         ModelError, ListingError: before Ray starts and before anything is staged.
     """
     begun = time.monotonic()
-    checked = models.check(config.model, allow_pickle=config.allow_pickle)
+    checked = models.check(config.model, allow_pickle=config.allow_pickle, model_arch=config.model_arch)
     checked_at = time.monotonic()
     log.info("checkpoint %s checked in %.2fs", checked.summary(), checked_at - begun)
     inputs = listing.listed(config)
@@ -215,8 +247,10 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
 
     scoring = time.monotonic()
     if todo is None or todo.any():
+        task = models.task_spec(config, model)  # issue 17: schema v2 (`embedding`) when the task embeds
         part = write.PartSpec(output=config.output, run_id=run_id, model=model.tag, passthrough=config.passthrough,
-                              containers=run.containers)
+                              containers=run.containers, task=task.task, embed_dim=task.dim, embed_dtype=task.dtype,
+                              evaluate=evaluation.spec_for(config, model.labels, model.multi_label))  # issue 18
         # prefetch_batches=0: each part's record is counted as soon as it is written.
         parts = build_dataset(config, model, inputs, todo, part).iter_batches(
             batch_format="pyarrow", batch_size=None, prefetch_batches=0)
@@ -227,7 +261,7 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
                 if run.budget.blown_early():
                     break  # leaving the iterator stops the Ray Data execution
     timings["scoring_seconds"] = time.monotonic() - scoring
-    log.info("%s", run.progress.line())
+    run.progress.finish()  # the final progress line, once; closes a notebook's bar
     if run.budget.blown():
         early = run.budget.blown_early() and run.rows < (run.budget.expected or 0)
         raise run.budget.fail(run_id, aborted_early=early, write=staging.write_text)
@@ -237,6 +271,7 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
     timings["total_seconds"] = time.monotonic() - started
     manifest = _manifest(config, model, run, timings, started_at, resumed=staged is not None, attempt=attempt)
     commit(staging, [p["name"] for p in run.parts], manifest, check=lease.check)
+    report.after_commit(config)  # issue 18: _report.html beside the manifest (a failure only logs)
     return _result_from_manifest(manifest, config.output, "committed")
 
 
@@ -247,15 +282,17 @@ def _manifest(config: ScoreConfig, model: models.ModelInfo, run: Run, timings: d
     budget = run.budget
     return {
         "run_id": run.run_id,
-        "schema": output.SCHEMA_NAME,
+        "schema": output.schema_name(models.task_for(config.task, model)),
         "config": config.to_dict(),
         "model": {"ref": model.ref, "name": model.name, "tag": model.tag, "model_type": model.model_type,
                   "weights_sha256": model.weights_sha256, "weights_format": model.weights_format,
-                  "num_labels": len(model.labels), "preprocess": model.preprocess.__dict__},
+                  "num_labels": len(model.labels), "preprocess": model.preprocess.__dict__,
+                  "layout": model.layout, "architecture": model.architecture},
+        "task": models.task_spec(config, model).__dict__,  # task; pool, normalize, dtype, dim of an embedding
         # labels per row written: config top_k, capped at the checkpoint's classes (0 = all)
         "top_k": models.top_k_used(config.top_k, model.labels)[0],
         "inputs_sha256": run.listing.sha256,
-        "counts": {"inputs": run.listing.count, "input_format": run.listing.kind, "rows": budget.rows,
+        "counts": {"inputs": run.listing.count, "input_format": run.listing.format, "rows": budget.rows,
                    "scored": budget.rows - budget.errors, "errors": budget.errors,
                    "errors_by_code": dict(budget.by_code)},
         "files": run.part_files(),
@@ -267,6 +304,10 @@ def _manifest(config: ScoreConfig, model: models.ModelInfo, run: Run, timings: d
         "started_at": started_at,
         "finished_at": _now(),
         "versions": _versions(),
+        # issue 18: scores (top-1 histogram, confidence, timeline), evaluation, thresholds
+        **evaluation.manifest_sections(run.parts, model.labels, models.top_k_used(config.top_k, model.labels)[0],
+                                       postprocess.run_thresholds(config, model.labels, model.multi_label),
+                                       evaluation.spec_for(config, model.labels, model.multi_label)),
     }
 
 
@@ -286,6 +327,7 @@ def _result_from_manifest(manifest: dict, output_uri: str, status: str) -> RunRe
         files=tuple(f["name"] for f in manifest["files"]),
         seconds=timings["total_seconds"],
         images_per_second=timings["images_per_second"],
+        evaluation=manifest.get("evaluation"),  # issue 18
     )
 
 

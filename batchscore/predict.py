@@ -6,6 +6,13 @@ to the model dtype and run under `torch.inference_mode`. Rows that already carry
 skip the model. The device and dtype are chosen at run time by `resolve_runtime`, so the
 CUDA path is the same code as the CPU path.
 
+Each layout loads its own way (`Predictor._load`): transformers' `AutoModel*` classes with
+safetensors and no remote code, or timm (`batchscore.timm_models.build`). One forward pass gives
+what the run's `TaskSpec` asks for: logits (→ top-k), an embedding (pooler output, final [CLS]
+token or mean of the patch tokens, optionally L2-normalised), or both. For a transformers
+classifier the embedding is read from its base model's output by a forward hook, so the
+logits are exactly those of the classifier's own forward.
+
 The forward batch size is measured, not guessed, unless the config fixes it: `BatchSizer`
 runs the first batches in chunks of each candidate size, times them and keeps the fastest
 per image (on this 2-core CPU that is 8 for ViT-B/16 but 32 for ViT-Ti/16,
@@ -21,8 +28,10 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from batchscore.models import ModelInfo, local_path
-from batchscore.postprocess import Postprocessor
+from batchscore import feed, sizing
+from batchscore.errors import code_of
+from batchscore.models import ModelInfo, TaskSpec, local_path
+from batchscore.postprocess import Postprocessor, Thresholds
 from batchscore.progress import log_from_worker
 
 log = logging.getLogger(__name__)
@@ -31,14 +40,23 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Forward batch sizes the probe tries when `batch_size` is not set. On CPU oneDNN is fastest
 # at small batches (the activations stay in cache); a GPU wants larger ones.
 CPU_BATCH_CANDIDATES = (8, 16, 32)
-GPU_BATCH_CANDIDATES = (16, 32, 64, 128)
+GPU_BATCH_CANDIDATES = feed.GPU_BATCH_CANDIDATES  # up to 1,024 on a large GPU: feed.gpu_batch_candidates
 
 
-def batch_candidates(batch_size: int | None, on_gpu: bool) -> tuple[int, ...]:
-    """The forward batch sizes to try: the fixed one, or the probe's candidates."""
+def embedding_column(vectors: np.ndarray, valid: np.ndarray, dim: int, dtype: str) -> pa.FixedSizeListArray:
+    """[valid rows, dim] vectors → a fixed_size_list<dtype>[dim] column over all rows, null where not valid."""
+    full = np.zeros((len(valid), dim), np.float32)
+    full[valid] = vectors
+    values = pa.array(full.reshape(-1).astype(np.float16 if dtype == "float16" else np.float32))
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
+
+
+def batch_candidates(batch_size: int | None, on_gpu: bool, gpu_memory_gib: float | None = None) -> tuple[int, ...]:
+    """The forward batch sizes to try: the fixed one, or the probe's candidates (on a GPU, by
+    its memory: up to 1,024 from 40 GiB, see `feed.gpu_batch_candidates`)."""
     if batch_size is not None:
         return (batch_size,)
-    return GPU_BATCH_CANDIDATES if on_gpu else CPU_BATCH_CANDIDATES
+    return feed.gpu_batch_candidates(gpu_memory_gib) if on_gpu else CPU_BATCH_CANDIDATES
 
 
 def resolve_runtime(device: str, dtype: str):
@@ -136,11 +154,11 @@ def chunks(n: int, size: int):
 class Predictor:
     """Callable class for `Dataset.map_batches` with an actor pool."""
 
-    def __init__(self, model: ModelInfo, device: str, dtype: str, top_k: int, batch_size: int | None = None):
+    def __init__(self, model: ModelInfo, device: str, dtype: str, top_k: int, batch_size: int | None = None,
+                 thresholds: Thresholds | None = None, feeding: feed.FeedOptions | None = None,
+                 task: TaskSpec | None = None):
         began = time.monotonic()
         import torch
-        import transformers
-        from transformers import AutoModelForImageClassification
 
         cpus = actor_cpus()
         if cpus:
@@ -148,54 +166,162 @@ class Predictor:
             # Ray sets OMP_NUM_THREADS=1 in workers; give torch the CPUs this actor holds.
             torch.set_num_threads(max(1, math.ceil(cpus)))
         self.device, self.dtype = resolve_runtime(device, dtype)
-        transformers.utils.logging.disable_progress_bar()
-        net, info = AutoModelForImageClassification.from_pretrained(
-            local_path(model), dtype=self.dtype, use_safetensors=model.weights_format == "safetensors",
-            weights_only=True, local_files_only=True, trust_remote_code=False, output_loading_info=True,
-            attn_implementation="sdpa",
-        )
-        missing = sorted(info["missing_keys"])
-        if missing:
-            raise RuntimeError(f"model {model.ref!r}: weights missing from the checkpoint: {missing[:10]} "
-                               "(they would be random); refusing to score")
-        self.net = net.to(self.device).eval()
+        self.task = task or TaskSpec("classify")
+        self.layout, self.has_head = model.layout, model.has_head
+        self._base_out: list = []  # a transformers classifier's base-model output, caught by a hook
+        net, self.pooler = self._load(model)
+        self.net = net.to(self.device, self.dtype).eval()
+        if self.pooler is not None:
+            self.pooler = self.pooler.to(self.device, self.dtype).eval()
+        # Chunked forward with overlapped copies, JPEGs decoded here when asked (batchscore.feed).
+        self.feeding = feeding = feeding or feed.FeedOptions()
+        self.net = feed.maybe_compile(self.net, feeding.compile)
+        self.feeder = feed.Feeder(self.device, compiled=feeding.compile)
+        self.decoder = None
+        if feeding.decode_on_device:
+            from batchscore.device_decode import DeviceDecoder
+
+            self.decoder = DeviceDecoder(model.preprocess, self.device, feeding.max_image_pixels, feeding.formats)
+        self.clock = sizing.BusyClock(feeding.sizing_seconds)
         spec = model.preprocess
         self.scale = spec.rescale_factor
         self.mean = self.std = None
         if spec.mean is not None:
             self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
             self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
-        self.post = Postprocessor(model.labels, top_k, model.multi_label)
-        self.sizer = BatchSizer(batch_candidates(batch_size, self.device.type == "cuda"))
-        log.info("predictor ready in %.1fs: %s on %s as %s, %d torch threads, batch size %s",
-                 time.monotonic() - began, model.tag, self.device, self.dtype, torch.get_num_threads(),
-                 self.sizer.chosen or f"measured among {self.sizer.candidates}")
+        self.post = (Postprocessor(model.labels, top_k, model.multi_label, thresholds)  # thresholds: sigmoid heads
+                     if self.task.classifies else None)
+        self.sizer = BatchSizer(batch_candidates(batch_size, self.device.type == "cuda",
+                                                 feed.device_memory_gib(self.device)))
+        log.info("predictor ready in %.1fs: %s (%s) on %s as %s, task %s%s, %d torch threads, batch size %s",
+                 time.monotonic() - began, model.tag, model.layout, self.device, self.dtype, self.task.task,
+                 f" (pool {self.task.pool}, dim {self.task.dim})" if self.task.embeds else "",
+                 torch.get_num_threads(), self.sizer.chosen or f"measured among {self.sizer.candidates}")
+
+    def _load(self, model: ModelInfo):
+        """(the network on the CPU in fp32, an extra pooler module or None), from the checkpoint's own files."""
+        if model.layout in ("timm", "npz"):
+            from batchscore import timm_models
+
+            return timm_models.build(model)
+        import transformers
+        from transformers import AutoModel, AutoModelForImageClassification
+
+        transformers.utils.logging.disable_progress_bar()
+        auto, extra = AutoModelForImageClassification, {}
+        if not model.has_head:
+            auto = AutoModel
+            if not model.has_pooler:
+                extra["add_pooling_layer"] = False  # no pooler weights: do not build a random one
+        net, info = auto.from_pretrained(
+            local_path(model), dtype=self.dtype,
+            use_safetensors=model.weights_format == "safetensors", weights_only=True, local_files_only=True,
+            trust_remote_code=False, output_loading_info=True, attn_implementation="sdpa", **extra,
+        )
+        missing = sorted(info["missing_keys"])
+        if missing:
+            raise RuntimeError(f"model {model.ref!r}: weights missing from the checkpoint: {missing[:10]} "
+                               "(they would be random); refusing to score")
+        if model.has_head and self.task.embeds:
+            net.base_model.register_forward_hook(lambda module, args, out: self._base_out.append(out))
+        return net, None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
 
+        self.clock.enter()
         errors = list(batch["error"])
+        pixels = batch.get("pixels")
+        if self.decoder is not None:  # JPEGs decoded here, on the model's device
+            pixels, errors = self.decoder(batch)
         valid = np.array([not e for e in errors], dtype=bool)
-        k = self.post.k
+        k = self.post.k if self.post else 0
         idx, probs = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        vectors = np.zeros((0, self.task.dim), np.float32)
         if valid.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][valid]))
-            size, parts = self.sizer.next_size(), []
+            pixels = pixels[torch.from_numpy(valid).to(pixels.device)] if isinstance(pixels, torch.Tensor) \
+                else np.ascontiguousarray(pixels[valid])
+            size = self.sizer.next_size()
             began = time.perf_counter()
             with torch.inference_mode():
-                for start, stop in chunks(len(pixels), size):
-                    logits = self.net(pixel_values=self.normalize(pixels[start:stop])).logits
-                    parts.append(self.post(logits))  # top-k to host numpy: a GPU syncs here
-            self.sizer.record(size, len(pixels), time.perf_counter() - began)
-            idx = np.concatenate([p[0] for p in parts])
-            probs = np.concatenate([p[1] for p in parts])
-        return self.post.table(batch["id"], errors, idx, probs, batch["meta"])
+                outputs = self.feeder.run(pixels, size, lambda x: self.forward(self.normalize(x)))
+                if self.post:  # top-k on the device, one copy to the host
+                    idx, probs = self.post(torch.cat([logits for logits, _ in outputs]))
+                if self.task.embeds:
+                    vectors = torch.cat([vector for _, vector in outputs]).float().cpu().numpy()
+            self.sizer.record(size, int(valid.sum()), time.perf_counter() - began)
+        decoded = batch.get("decode_seconds")
+        if self.clock.leave(len(errors), float(np.sum(decoded)) if decoded is not None else 0.0):
+            log.info("%s", sizing.assess(**self.clock.figures(), decode_cpus=self.feeding.decode_cpus,
+                                         on_gpu=self.device.type == "cuda",
+                                         decode_device=self.feeding.decode_device).line)
+        if self.post:
+            table = self.post.table(batch["id"], errors, idx, probs, batch["meta"])
+        else:
+            errs = [str(e) if e else None for e in errors]
+            table = pa.table({"id": pa.array([str(i) for i in batch["id"]], pa.string()),
+                              "error": pa.array(errs, pa.string()),
+                              "error_code": pa.array([code_of(e) for e in errs], pa.string()),
+                              "meta": pa.array([str(m) for m in batch["meta"]], pa.string())})
+        if self.task.embeds:
+            table = table.append_column("embedding", embedding_column(vectors, valid, self.task.dim, self.task.dtype))
+        return table
+
+    def forward(self, x):
+        """(logits or None, embedding [N, D] float32 or None) of one normalised batch: one forward pass."""
+        import torch
+
+        task, logits, tokens, pooled = self.task, None, None, None
+        if self.layout == "transformers":
+            self._base_out.clear()
+            if self.has_head:  # a classifier: its base model's output comes from the hook
+                out = self.net(pixel_values=x)
+                logits = out.logits if self.post else None
+                base = self._base_out[-1] if self._base_out else None
+            else:
+                base = self.net(pixel_values=x)
+            if task.embeds:
+                tokens, pooled = base.last_hidden_state, getattr(base, "pooler_output", None)
+        else:
+            tokens = self.net.forward_features(x)
+            if self.post:
+                logits = self.net.forward_head(tokens)
+            if task.pool == "pooler":
+                pooled = (self.pooler(tokens[:, 0]).tanh() if self.pooler is not None
+                          else self.net.forward_head(tokens, pre_logits=True))
+        if not task.embeds:
+            return logits, None
+        if task.pool == "pooler":
+            vector = pooled
+        elif tokens.dim() != 3:
+            raise RuntimeError(f"embed_pool {task.pool} needs a token sequence, but the model's features have shape "
+                               f"{tuple(tokens.shape)}; use embed_pool pooler")
+        elif task.pool == "cls":
+            vector = tokens[:, 0]
+        else:  # mean of the patch tokens: the last (H/p)*(W/p) of the sequence, after any prefix tokens
+            vector = tokens[:, tokens.shape[1] - self._patches(x, tokens):].mean(dim=1)
+        if vector is None or vector.shape[-1] != task.dim:
+            raise RuntimeError(f"the model's {task.pool} embedding has shape "
+                               f"{None if vector is None else tuple(vector.shape)}, expected [N, {task.dim}]")
+        vector = vector.float()
+        if task.normalize:
+            vector = torch.nn.functional.normalize(vector, dim=-1)
+        return logits, vector
+
+    def _patches(self, x, tokens) -> int:
+        """Patch tokens in the sequence: all but the prefix ([CLS], distillation, register tokens)."""
+        prefix = getattr(self.net, "num_prefix_tokens", None)  # timm
+        if prefix is None:
+            patch = getattr(self.net.config, "patch_size", None)
+            patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+            return (x.shape[-2] // patch) * (x.shape[-1] // patch)
+        return tokens.shape[1] - prefix
 
     def normalize(self, pixels):
         """uint8 [N, 3, H, W] on the host → normalised model-dtype tensor on the device."""
         import torch
 
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and pixels.device.type == "cpu":  # else staged by the Feeder
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         x = pixels.to(self.device, torch.float32)
         if self.scale is not None:

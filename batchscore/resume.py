@@ -39,7 +39,9 @@ log = logging.getLogger("batchscore")
 # Settings that change which rows a run writes or what is in them. Runs that differ in
 # these cannot share part files; the rest (resources, batch sizes, progress) may change.
 RESULT_SETTINGS = ("input", "input_format", "image_column", "id_column", "uri_column", "passthrough", "model",
-                   "allow_pickle", "top_k", "dtype", "max_image_pixels", "extensions", "formats")
+                   "allow_pickle", "top_k", "dtype", "max_image_pixels", "extensions", "formats",
+                   "task", "embed_pool", "embed_normalize", "embed_dtype", "model_arch",
+                   "decode_device")  # JPEG decoders differ slightly (docs/architecture.md)
 
 
 class ResumeError(RuntimeError):
@@ -53,8 +55,12 @@ def fingerprint(config: ScoreConfig, weights_sha256: str) -> dict:
     settings = config.to_dict()
     settings["input"] = [_absolute(p) for p in settings["input"]]
     settings["model"] = settings["model"] and _absolute(settings["model"])
+    from batchscore.postprocess import file_sha256
+
+    # Multi-label rows hold the labels at or above their thresholds: the default and the file's contents.
+    thresholds = {"threshold": settings.get("threshold"), "thresholds_sha256": file_sha256(settings.get("thresholds"))}
     return {"schema": SCHEMA_NAME, "weights_sha256": weights_sha256,
-            **{k: settings[k] for k in RESULT_SETTINGS}}
+            **{k: settings[k] for k in RESULT_SETTINGS}, **thresholds}
 
 
 def differences(previous: dict, config: ScoreConfig) -> dict[str, tuple]:
@@ -92,12 +98,25 @@ def latest(output: str, expected: dict, inputs: Listing | None = None) -> Staged
         details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ResumeError(f"cannot resume run {run.run_id} in {output}: it was started with other settings "
                           f"({details}); re-run with the same settings, or without --resume to start a new run")
+    if inputs is not None:
+        _same_inputs(run, output, inputs)
+    return run
+
+
+def check_inputs(output: str, inputs: Listing) -> None:
+    """Before Ray starts: raises `ResumeError` if the newest staged run of `output` listed
+    other inputs (`latest` checks the settings and weights once the model is resolved)."""
+    runs = staged_runs(output)
+    if runs:
+        _same_inputs(runs[-1], output, inputs)
+
+
+def _same_inputs(run: StagedRun, output: str, inputs: Listing) -> None:
     then = run.info.get("inputs_ids_sha256")
-    if inputs is not None and then is not None and then != inputs.ids_sha256:
+    if then is not None and then != inputs.ids_sha256:
         raise ResumeError(f"cannot resume run {run.run_id} in {output}: its inputs changed since it started "
                           f"({run.info.get('inputs')} listed then, {inputs.count} now, or as many under other "
                           "names); run without --resume to score the inputs as they are now")
-    return run
 
 
 def adopt(staged: StagedRun, run: Run) -> np.ndarray:

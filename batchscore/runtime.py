@@ -20,14 +20,52 @@ def ensure_ray() -> None:
     """Connects to the cluster in RAY_ADDRESS (as `ray job submit` sets it) or starts a local one."""
     if ray.is_initialized():
         return
+    quiet_ray_logs()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
         # A private local Ray on loopback, with only the processes a local run needs.
         start_local_ray()
     ctx = ray.data.DataContext.get_current()
-    # Ray's bars redraw in place; in a log (non-TTY) batchscore's own progress lines stand instead.
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    # Ray's bars redraw in place; in a log (non-TTY) batchscore's own progress lines stand
+    # instead, and a Python caller's tqdm bar (batchscore.progress) replaces them.
+    from batchscore.progress import bar_shown
+
+    ctx.enable_progress_bars = sys.stderr.isatty() and not bar_shown()
+    log.info("expected: Ray's 'E ... core_worker.cc: ... has constructor arguments in the object store' line, once "
+             "per run: Ray Data keeps its actors' arguments there while a run lasts (docs/operations.md)")
+
+
+# Ray's log lines that say nothing about a batchscore run: (logger, start of the message).
+# "Progress bars disabled": batchscore's own progress stands in for Ray Data's bars (above).
+# "Token authentication is enabled": Ray's default for a local cluster, said on every start
+# (docs/operations.md says it once).
+RAY_NOISE = (("ray.data._internal.progress", "Progress bars disabled"),
+             ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for"))
+
+
+class _Drop(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def quiet_ray_logs() -> None:
+    """Before Ray starts in this process: Ray's known noise left out of the driver's log.
+
+    - Workers' log lines reach the driver without ANSI colour codes when stderr is not a
+      terminal (`RAY_COLOR_PREFIX=0`, read by Ray as it prints each line; one set wins).
+    - RAY_NOISE messages are dropped from Ray's loggers.
+    """
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    for name, start in RAY_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) and f.start == start for f in logger.filters):
+            logger.addFilter(_Drop(start))
 
 
 def loopback_only() -> None:

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from batchscore import evaluation
 from batchscore import fs as fsutil
 from batchscore import output
 from batchscore.budget import EXAMPLES
@@ -44,6 +45,10 @@ class PartSpec:
     model: str
     passthrough: tuple[str, ...] = ()
     containers: bool = False  # the run's inputs are containers (a row's index may repeat)
+    evaluate: object = None  # batchscore.evaluation.EvalSpec: ground truth to count the rows against
+    task: str = "classify"  # classify writes schema v1; embed and classify+embed v2 (`embedding`)
+    embed_dim: int = 0
+    embed_dtype: str = "float32"
 
 
 def write_part(batch: pa.Table, *, spec: PartSpec) -> pa.Table:
@@ -88,23 +93,24 @@ def conform(batch: pa.Table, spec: PartSpec) -> tuple[pa.Table, dict]:
     table = table.append_column("run_id", pa.array([spec.run_id] * table.num_rows, pa.string()))
     for name in spec.passthrough:
         table = table.append_column(name, pa.array([m["passthrough"].get(name) for m in metas], pa.string()))
-    schema = output.load_schema(passthrough=spec.passthrough)
+    schema = output.schema_for(spec.task, spec.passthrough, spec.embed_dim, spec.embed_dtype)
     missing = [n for n in schema.names if n not in table.column_names]
     if missing:
         raise output.SinkError(f"output batch lacks column(s) {missing}; expected {schema.names}, got {table.column_names}")
     try:
         table = table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise output.SinkError(f"output batch does not match {output.SCHEMA_FILE.name}: expected {schema}, "
+        raise output.SinkError(f"output batch does not match {output.schema_name(spec.task)}: expected {schema}, "
                                f"got {table.schema}: {e}") from e
     for f in schema:
         if not f.nullable and table.column(f.name).null_count:
             raise output.SinkError(f"column {f.name!r} must not be null, but {table.column(f.name).null_count} rows are")
-    return table, statistics(table, metas, spec.containers)
+    return table, statistics(table, metas, spec.containers, spec.evaluate)
 
 
-def statistics(table: pa.Table, metas: list[dict], containers: bool) -> dict:
-    """See `PartStats` in batchscore.run: counts, errors, and which inputs the rows cover."""
+def statistics(table: pa.Table, metas: list[dict], containers: bool, evaluate=None) -> dict:
+    """See `PartStats` in batchscore.run: counts, errors, and which inputs the rows cover; and
+    `scores` and `evaluation` (`batchscore.evaluation.part_statistics`: the report's counts)."""
     ids, errors = table.column("id").to_pylist(), table.column("error").to_pylist()
     by_code = collections.Counter(c for c in table.column("error_code").to_pylist() if c is not None)
     examples = [{"id": i, "error": e} for i, e in zip(ids, errors) if e is not None][:EXAMPLES]
@@ -123,6 +129,7 @@ def statistics(table: pa.Table, metas: list[dict], containers: bool) -> dict:
         unique = sorted({m["index"] for m in metas})
         stats["duplicates"] = len(metas) - len(unique)
         stats["files"] = ranges(unique)
+    stats.update(evaluation.part_statistics(table, evaluate))
     return stats
 
 

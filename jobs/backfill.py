@@ -4,7 +4,9 @@
         --start 2026-11-01 --end 2026-11-23 [--parallel 2]
 
 Re-running skips committed dates and resumes the rest. Prints one line per partition and a
-table at the end; exits 0 when every date is committed, else 4 (the failed dates are listed).
+table at the end, with each partition's drift against the previous committed one (PSI, JS
+divergence, changes in error rate and mean top-1 probability, the figures flagged); exits 0
+when every date is committed, else 4 (the failed dates are listed).
 From a notebook: `batchscore.backfill(config, dates)` (examples/backfill.ipynb).
 """
 
@@ -28,7 +30,7 @@ def main(argv: list[str]) -> int:
         from batchscore import schedule
 
         frame = schedule.backfill(config, schedule.date_range(args.start, args.end), parallel=args.parallel)
-        print(frame.drop(columns=["output"]).to_string(index=False))
+        print(frame.drop(columns=["output", "drift"]).to_string(index=False))  # drift: each against the date before
         failed.extend(frame.loc[frame["status"] == "failed", "partition"])
         return None
 

@@ -7,7 +7,8 @@ one resumes from its staged part files).
 The job file's `input` and `output` are templates holding `{date}`
 (`gs://bucket/images/dt={date}/` -> `gs://bucket/scores/dt={date}/`); `--date` defaults to
 yesterday (UTC). Other `batchscore score` flags override the job file. Exit status as
-`jobs/score.py`.
+`jobs/score.py`. The partition is compared with the previous committed one (its `_report.html`,
+and a `drift vs ...` line in the summary; `--json` prints the figures under `drift`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,16 @@ if [ ! -e "$stamp" ]; then
   rm -f .venv/.batchscore-installed-* && touch "$stamp"
 fi
 
+# The report test opens _report.html in a real headless Chromium: the distribution's package.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (Debian package) for the report test" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium is missing; the report test needs it (as root: apt-get install -y chromium)" >&2
+  fi
+fi
+
 if [ "${1:-}" != "--no-demo" ]; then
   .venv/bin/batchscore demo
 fi

@@ -32,3 +32,52 @@ def test_throughput_bench_runs_every_variant_on_a_tiny_model(tmp_path):
     assert pq.read_table(work / "out-tiny-40-loop.parquet").num_rows == 40
     assert pq.read_table(work / "out-tiny-40-pipeline.parquet").num_rows == 40
     assert json.loads((work / "out-tiny-40-batchscore" / "_manifest.json").read_text())["counts"]["rows"] == 40
+
+
+def test_gpu_bench_dry_run_runs_every_step_on_the_cpu(tmp_path):
+    """`bench/gpu.sh --dry-run`: the GPU bench's steps (forward, decode rates, fidelity,
+    fp16/fp32 agreement, batchscore with CPU and in-actor decode) on a tiny ViT here, writing
+    its JSON and Markdown table (figures are not asserted). The transformers-pipeline step is
+    left out here for time (the whole dry run: docs/benchmarks.md)."""
+    out = tmp_path / "gpu"
+    steps = ["env", "forward", "decode", "fidelity", "agreement", "batchscore"]
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--images", "24", "--out", str(out),
+                           "--steps", *steps], capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "gpu-bench.json").read_text())
+    assert results["dry_run"] and results["images"] == 24
+    steps = results["steps"]
+    assert set(steps) == {"env", "forward", "decode", "fidelity", "agreement", "batchscore"}
+    assert all("error" not in s for s in steps.values()), {k: s.get("error") for k, s in steps.items()}
+    assert steps["fidelity"]["result"]["pixel_mean_levels"] < 1  # torchvision on the CPU: libjpeg-turbo both ways
+    for variant in ("cpu", "torchvision"):
+        assert steps["batchscore"]["result"][variant]["rows"] == 24, steps["batchscore"]
+    assert "| forward |" in (out / "gpu-bench.md").read_text()
+
+
+def test_gpu_bench_counts_nested_failures_and_unmeasured_steady_rate():
+    """bench/gpu.py's bookkeeping, without running it: a batchscore variant that failed
+    (`TimeoutExpired` under `result`) is a failed step, and a steady rate that was not
+    measured says so in the table instead of 0.0."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    ok = {"rows": 60, "errors": 0, "parts": 8, "rows_per_file": 7, "parts_span_seconds": 30.0,
+          "images_per_second": 12.5,
+          "steady_images_per_second": 14.1, "sizing_lines": [], "batch_size_line": []}
+    results = {"dry_run": True, "model": "tiny ViT", "images": 60, "dtype": "fp32", "total_seconds": 9.0, "steps": {
+        "env": {"result": {"cpus": 2}, "seconds": 0.1, "gpu": None},
+        "fidelity": {"result": {"errors": 0, "pixel_max_levels": 1}, "seconds": 1.0, "gpu": None},
+        "batchscore": {"result": {"cpu": {**ok, "steady_images_per_second": None, "parts": 2},
+                                  "torchvision": {"error": "TimeoutExpired: Command '...' timed out after 60 seconds"}},
+                       "seconds": 70.0, "gpu": None}}}
+    assert gpu.failed_steps(results) == ["batchscore.torchvision"]
+    table = gpu.markdown(results)
+    assert "steady not measured; 2 part files over" in table and "(0.0" not in table
+    assert "decode_device=torchvision: FAILED" in table and "TimeoutExpired" in table
+    results["steps"]["batchscore"]["result"]["torchvision"] = ok
+    assert gpu.failed_steps(results) == [] and "12.5 (14.1; 8 part files over 30.0 s)" in gpu.markdown(results)
+    results["steps"]["pipeline"] = {"error": "RuntimeError: boom", "seconds": 0.0}
+    assert gpu.failed_steps(results) == ["pipeline"]

@@ -131,9 +131,10 @@ def test_check_raises_what_resolve_raises(tmp_path):
     (cases["pickle_only"] / "model.safetensors").rename(cases["pickle_only"] / "pytorch_model.bin")
     cases["bare_pickle"] = demo_checkpoint(tmp_path / "bare")
     (cases["bare_pickle"] / "model.safetensors").rename(cases["bare_pickle"] / "weights.pth")
-    cases["headless"] = demo_checkpoint(tmp_path / "headless")
-    config = json.loads((cases["headless"] / "config.json").read_text())
-    (cases["headless"] / "config.json").write_text(json.dumps({**config, "architectures": ["ViTModel"]}))
+    cases["no_head_or_encoder"] = demo_checkpoint(tmp_path / "mim")  # headless ViTModel is valid (task embed)
+    config = json.loads((cases["no_head_or_encoder"] / "config.json").read_text())
+    (cases["no_head_or_encoder"] / "config.json").write_text(
+        json.dumps({**config, "architectures": ["ViTForMaskedImageModeling"]}))
     cases["bad_json"] = demo_checkpoint(tmp_path / "badjson")
     (cases["bad_json"] / "config.json").write_text("{not json")
     cases["crop_pct"] = demo_checkpoint(tmp_path / "croppct")

@@ -55,16 +55,16 @@ def test_without_preconditions_only_the_last_holder_may_commit(output):
 
 
 @pytest.mark.parametrize("output", ["local"], indirect=True)
-@pytest.mark.parametrize("holder, taken", [
-    ({"host": socket.gethostname(), "pid": 2**22 + 17, "heartbeat": time.time()}, True),  # its process is gone
-    ({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600}, True),  # no heartbeat for an hour
-    ({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}, False),  # alive elsewhere
+@pytest.mark.parametrize("holder, age, taken", [
+    ({"host": socket.gethostname(), "pid": 2**22 + 17}, 0, True),  # its process is gone
+    ({"host": "elsewhere", "pid": 1}, 3600, True),  # no heartbeat for an hour
+    ({"host": "elsewhere", "pid": 1}, 0, False),  # alive elsewhere
 ])
-def test_a_stale_lease_is_taken_over(output, holder, taken):
+def test_a_stale_lease_is_taken_over(output, holder, age, taken):
     lease = Lease(output, "run-new")
     os.makedirs(os.path.dirname(lease.path), exist_ok=True)
-    with open(lease.path, "w") as f:
-        json.dump({"run_id": "run-old", "ttl_seconds": 600, **holder}, f)
+    with open(lease.path, "w") as f:  # the heartbeat's age from now, not from when the tests were collected
+        json.dump({"run_id": "run-old", "ttl_seconds": 600, "heartbeat": time.time() - age, **holder}, f)
     if taken:
         lease.acquire()
         assert lease.read()["run_id"] == "run-new"

@@ -235,3 +235,20 @@ def test_symbolic_links_to_files_are_files_in_folders_and_globs(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="batchscore.listing"):
         assert ids(ScoreConfig(input=(str(snap),))) == [str(snap / "a.jpg")]
     assert "not following" in caplog.text and "more" in caplog.text
+
+
+def test_manifest_paths_are_normalized_so_one_image_is_one_row(tmp_path, caplog):
+    """`../imgs/a.jpg` in one manifest and `/…/imgs/a.jpg` in another are the same image:
+    one entry, its id the path it names (no `..`), the first row's columns kept and the
+    repeated URI named in the warning."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "m").mkdir()
+    absolute = tmp_path / "m" / "abs.csv"
+    absolute.write_text(f"uri,label\n{tmp_path}/imgs/a.jpg,first\n{tmp_path}/imgs/./b.jpg,b\n")
+    relative = tmp_path / "m" / "rel.csv"
+    relative.write_text("uri,label\n../imgs/a.jpg,second\n")
+    caplog.set_level(logging.WARNING, logger="batchscore.listing")
+    entries = listing.list_inputs(ScoreConfig(input=(str(absolute), str(relative)), passthrough=("label",)))
+    assert [(e.id, e.passthrough["label"]) for e in entries] == [
+        (f"{tmp_path}/imgs/a.jpg", "first"), (f"{tmp_path}/imgs/b.jpg", "b")]
+    assert f"more than once, e.g. ['{tmp_path}/imgs/a.jpg']" in caplog.text

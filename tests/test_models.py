@@ -96,12 +96,26 @@ def test_booby_trapped_pickle_is_not_executed_even_when_allowed(tmp_path):
     assert not marker.exists()
 
 
-def test_headless_checkpoint_is_refused(tmp_path):
+def test_headless_checkpoint_embeds_and_is_refused_classification(tmp_path):
+    """A headless `ViTModel` is scored with task embed (auto); classification is a bad job."""
+    from batchscore import ScoreConfig
+
     ckpt = make_checkpoint("vit", tmp_path / "m")
     config = json.loads((ckpt / "config.json").read_text())
     config["architectures"] = ["ViTModel"]
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match=r"image-classification head.*\['ViTModel'\]"):
+    checked = models.check(str(ckpt))
+    assert checked.headless and checked.labels == ()
+    assert models.task_for("auto", checked) == "embed"
+    with pytest.raises(ModelError, match=r"task classify needs a classification head.*use task embed"):
+        models.task_for("classify", checked)
+    info = models.resolve(str(ckpt))
+    assert models.task_spec(ScoreConfig(), info).pool == "cls"  # no pooler weights in a classifier's file
+    with pytest.raises(ModelError, match="no trained pooler"):
+        models.task_spec(ScoreConfig(embed_pool="pooler"), info)
+    config["architectures"] = ["ViTForMaskedImageModeling"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"image-classification head.*\['ViTForMaskedImageModeling'\]"):
         models.resolve(str(ckpt))
 
 

@@ -179,3 +179,5 @@ def test_resume_refuses_inputs_that_changed_since_the_run_started(tmp_path):
     (tmp_path / "more").rename(folder / "more")  # a sixth image arrives
     with pytest.raises(ResumeError, match=r"its inputs changed since it started \(5 listed then, 6 now"):
         resume.latest(config.output, fingerprint, listing.listed(config))
+    with pytest.raises(ResumeError, match=r"its inputs changed since it started"):
+        resume.check_inputs(config.output, listing.listed(config))  # what `score` checks before Ray starts
