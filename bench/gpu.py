@@ -430,7 +430,8 @@ def step_batchscore(ctx) -> dict:
     except ImportError as e:
         return {"skipped": f"import ray failed ({e}): pack it with bench/pack_ray.sh and ship bench/vendor/"}
     out = {}
-    for decode_device in ("cpu", "cuda" if ctx.device.type == "cuda" else "torchvision"):
+    variants = {"cpu": "cpu", "gpu": "cuda" if ctx.device.type == "cuda" else "torchvision"}
+    for decode_device in [variants[v] for v in ("cpu", "gpu") if v in ctx.end_to_end]:
         if ctx.time_left() < 45:
             out[decode_device] = {"skipped": "out of time"}
             continue
@@ -529,6 +530,9 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole bench (450; dry run 240)")
     ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--end-to-end", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"],
+                    help="batchscore end to end with CPU decode, with decode on the model's device (cuda; "
+                         "torchvision on a CPU dry run), or both (default)")
     args = ap.parse_args()
     import torch
 
@@ -556,6 +560,7 @@ def main() -> int:
     ctx.decode_cpus = 0.5
     ctx.rows_per_file = max(1, n // 8)  # >= 5 part files end to end, so the steady rate is measured
     ctx.compile = not dry and not args.no_compile
+    ctx.end_to_end = set(args.end_to_end)
     smi = Smi()
     smi.step = "setup"
     ctx.images_dir = ctx.work / f"images-{n}"

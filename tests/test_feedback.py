@@ -325,7 +325,7 @@ def test_help_shows_defaults_and_exit_codes():
     for fragment in ("(default: 5)", "(default: 0.1)", "(default: auto)", "(default: off)",
                      "Repeatable: the values add up. (default: JPEG MPO PNG WEBP GIF BMP TIFF AVIF HEIF)",
                      "exit status:", "2 bad job", "5 another run holds the output's lease",
-                     "6 inspect: the output holds no committed run"):
+                     "6 inspect, report: the output (or the --baseline named) holds no committed run"):
         assert fragment in text, fragment
     assert "exit status:" in parser.format_help()
 
