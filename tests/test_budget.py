@@ -33,17 +33,24 @@ def staged_summary(out) -> dict:
     return json.loads(errors_file.read_text())
 
 
-def test_over_budget_fails_and_commits_nothing(ray_session, tmp_path, folder, checkpoints):
+def test_over_budget_fails_with_exit_3_and_commits_nothing(ray_session, tmp_path, folder, checkpoints):
+    """Through the CLI (exit 3, the message), then in process: within budget the same inputs commit."""
     out = tmp_path / "out"
-    config = ScoreConfig(input=(str(folder),), output=str(out), model=str(checkpoints["vit"]), max_error_fraction=0.2)
-    with pytest.raises(ErrorBudgetExceeded, match=r"3 error rows \(decode.empty=3\) of 13 exceed max_error_fraction=0.2"):
-        pipeline.score(config)
-    assert not (out / "_SUCCESS").exists() and not list(out.glob("*.parquet")) and not (out / "_staging" / "_lease").exists()
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "batchscore.cli", "score", "--input", str(folder), "--output", str(out),
+                           "--model", str(checkpoints["vit"]), "--max-error-fraction", "0.2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    print(f"FIGURE budget via the CLI: exit {proc.returncode}, _SUCCESS present: {(out / '_SUCCESS').exists()}")
+    assert proc.returncode == EXIT_BUDGET, proc.stderr[-2000:]
+    assert "ErrorBudgetExceeded: 3 error rows (decode.empty=3) of 13 exceed max_error_fraction=0.2" in proc.stderr
+    assert not (out / "_SUCCESS").exists() and sorted(p.name for p in out.iterdir()) == ["_staging"]
+    assert not list(out.glob("*.parquet")) and not (out / "_staging" / "_lease").exists()
     summary = staged_summary(out)
     assert summary["errors"] == 3 and summary["errors_by_code"] == {"decode.empty": 3}
     assert {e["id"].rsplit("/", 1)[-1] for e in summary["examples"]} == {"empty-0.jpg", "empty-1.jpg", "empty-2.jpg"}
     # Within budget (3 <= 0.25 x 13), the same inputs commit.
-    result = pipeline.score(config.with_overrides(max_error_fraction=0.25))
+    config = ScoreConfig(input=(str(folder),), output=str(out), model=str(checkpoints["vit"]), max_error_fraction=0.25)
+    result = pipeline.score(config)
     assert result.status == "committed" and result.errors == 3
 
 
@@ -79,13 +86,3 @@ def test_exit_code_for_a_blown_budget():
     assert _exit_code(ErrorBudgetExceeded("x")) == EXIT_BUDGET == 3
 
 
-def test_cli_exits_3_and_commits_nothing(ray_session, tmp_path, folder, checkpoints):
-    out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.run([sys.executable, "-m", "batchscore.cli", "score", "--input", str(folder), "--output", str(out),
-                           "--model", str(checkpoints["vit"]), "--max-error-fraction", "0.2"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    print(f"FIGURE budget via the CLI: exit {proc.returncode}, _SUCCESS present: {(out / '_SUCCESS').exists()}")
-    assert proc.returncode == EXIT_BUDGET, proc.stderr[-2000:]
-    assert "ErrorBudgetExceeded: 3 error rows (decode.empty=3) of 13 exceed max_error_fraction=0.2" in proc.stderr
-    assert not (out / "_SUCCESS").exists() and sorted(p.name for p in out.iterdir()) == ["_staging"]

@@ -302,18 +302,22 @@ def test_demo_accuracy(ray_session, tmp_path):
     assert result.accuracy >= 0.9
 
 
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+def run_cli(*args: str, cwd: Path = ROOT, ray_address: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m batchscore.cli ARGS`: on the Ray at `ray_address`, or with no RAY_ADDRESS."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     return subprocess.run([sys.executable, "-m", "batchscore.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
 
-def test_cli_end_to_end_with_progress_in_a_non_tty_log(tmp_path, mixed_inputs, checkpoints):
+def test_cli_end_to_end_with_progress_in_a_non_tty_log(tmp_path, mixed_inputs, checkpoints, ray_session):
+    """On the session's Ray (a run that starts its own: test_notebook.py, test_runtime_lean.py)."""
     folder, bad = mixed_inputs
     out = tmp_path / "cli-out"
     proc = run_cli("score", "--input", str(folder), "--output", str(out), "--model", str(checkpoints["vit"]),
-                   "--progress-seconds", "0.1", "--batch-size", "4", "--max-error-fraction", "1")
+                   "--progress-seconds", "0.1", "--batch-size", "4", "--max-error-fraction", "1",
+                   ray_address=ray_session.get_runtime_context().gcs_address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = len(list(folder.iterdir()))
     assert f"{n} rows, {n - len(bad)} scored, {len(bad)} errors (decode." in proc.stdout
