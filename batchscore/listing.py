@@ -247,14 +247,6 @@ def _hash(table: pa.Table) -> tuple[str, str]:
     return h.hexdigest(), ids_h.hexdigest()
 
 
-def listing_hash(entries: list[Entry]) -> str:
-    """`Listing.sha256` of a list of entries (the same value for the same listing)."""
-    h = hashlib.sha256()
-    for e in entries:
-        h.update(f"{e.id}\t{e.size}\t{e.rows}\n".encode())
-    return h.hexdigest()
-
-
 # -- files ------------------------------------------------------------------------------
 
 def _list_files(inputs: tuple[str, ...]) -> list[tuple[str, int | None]]:

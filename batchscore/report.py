@@ -452,8 +452,6 @@ def _drift(found: dict | None) -> str:
     if not found:
         return ("<section id='drift'><h2>Drift</h2><p>no baseline: pass <code>--baseline OUTPUT</code> "
                 "(nightly runs compare with the previous committed partition)</p></section>")
-    if found.get("baseline") is None:
-        return f"<section id='drift'><h2>Drift</h2><p>{e(found['note'])}</p></section>"
     rows = []
     for name, f in found["figures"].items():
         detail = (f"{_num(f['baseline'])} → {_num(f['current'])}" if "current" in f else "")

@@ -91,8 +91,6 @@ def _unlabelled(ev: dict) -> str:
 def _drift_line(drift: dict | None) -> str | None:
     if not drift:
         return None
-    if drift.get("baseline") is None:
-        return f"drift: {drift.get('note', 'no baseline')}"
     flagged = [k for k, v in drift["figures"].items() if v.get("flagged")]
     line = (f"drift vs {drift['baseline']}: PSI {drift['figures']['psi']['value']:.3f}, "
             f"JS {drift['figures']['js']['value']:.3f}; "

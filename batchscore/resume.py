@@ -133,7 +133,7 @@ def adopt(staged: StagedRun, run: Run) -> np.ndarray:
             failed.add_range(a, b)
     complete = _complete(run.listing, held, failed)
     n = len(complete)
-    rewritten = 0
+    rewritten, ids = 0, None
     for stats in staged.parts:
         inside = all(0 <= int(k) < n and complete[int(k)] for k in stats["containers"]) and all(
             0 <= a and b <= n and complete[a:b].all() for a, b in stats["files"])
@@ -141,7 +141,8 @@ def adopt(staged: StagedRun, run: Run) -> np.ndarray:
             run.keep(stats)
             continue
         rewritten += 1
-        kept = _rewrite(stats, complete, run, held)
+        ids = run.listing.id_column() if ids is None else ids  # read back from the shards once
+        kept = _rewrite(stats, complete, run, held, ids)
         if kept is not None:
             run.keep(kept)
     log.info("resume: run %s keeps %d rows of %d complete inputs (%d parts, %d rewritten without incomplete "
@@ -166,15 +167,15 @@ def _complete(listing: Listing, held: Coverage, failed: Coverage) -> np.ndarray:
     return done
 
 
-def _rewrite(stats: dict, complete: np.ndarray, run: Run, held: Coverage) -> dict | None:
+def _rewrite(stats: dict, complete: np.ndarray, run: Run, held: Coverage, ids: pa.ChunkedArray) -> dict | None:
     """Rewrites a part without the rows of incomplete inputs; its new statistics, or None if
     nothing is left. (Read, write the rest, then delete: a crash here only costs work.)"""
     staging = run.staging
     table = staging.read_part(stats["name"])
-    # each row's listing index, from its source (the listing's ids, Arrow: nothing per input in Python)
-    index = pc.index_in(table.column("source"), value_set=run.listing.id_column()).to_numpy(zero_copy_only=False)
-    present = ~np.isnan(index.astype(float))
-    index = np.where(present, np.nan_to_num(index.astype(float)), 0).astype(np.int64)
+    # each row's listing index, from its source (the listing's `ids`, Arrow: nothing per input in Python)
+    found = pc.index_in(table.column("source"), value_set=ids)
+    present = pc.is_valid(found).to_numpy(zero_copy_only=False)
+    index = pc.fill_null(found, 0).to_numpy(zero_copy_only=False).astype(np.int64)
     keep = present & complete[index]
     table = table.filter(pa.array(keep))
     result = None
