@@ -10,14 +10,15 @@ Three layouts (the table in README.md says what is read from where):
     npz            a google-research/vision_transformer `.npz` file (`batchscore.timm_models`)
 
 Everything about a model comes from its own files: labels and task from `config.json`,
-preprocessing from `preprocessor_config.json` (resolved through the checkpoint's own
-transformers image-processor class, so defaults and legacy forms such as `"size": 224` mean
-exactly what transformers makes of them), weights from safetensors only. A reference that is
+preprocessing from `preprocessor_config.json` (read as the checkpoint's own transformers
+image-processor class reads it, with that class's defaults, so legacy forms such as
+`"size": 224` mean exactly what transformers makes of them: `batchscore.image_processors`,
+which needs neither transformers nor torch), weights from safetensors only. A reference that is
 neither an existing directory nor a bucket URI is an error: batchscore never falls back to a
 hub download, and never runs code shipped with a checkpoint (`trust_remote_code` is never set).
 
-`check` is the cheap part of `resolve`: the checkpoint's files, labels and weights, read
-without transformers, and without torch for transformers folders (timm folders and `.npz`
+`check` is the cheap part of `resolve`: the checkpoint's files, labels, preprocessing and
+weights, read without transformers, and without torch for transformers folders (timm folders and `.npz`
 files import timm there, to check the architecture; a run does it before Ray starts,
 `batchscore validate` too).
 """
@@ -35,11 +36,6 @@ DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "checkpoint"
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _PICKLE_ENDINGS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
-# Keys of a preprocessor config that do not change the pixels of a classification input.
-_INERT_PREPROCESSOR_KEYS = {
-    "image_processor_type", "feature_extractor_type", "processor_class", "do_reduce_labels",
-    "do_convert_rgb", "backend",
-}
 _TORCHVISION_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -417,7 +413,9 @@ def _check_files(ref: str | None, where: str, names: set[str], read, allow_pickl
             raise ModelError(f"model {ref!r}: {weights[0]} in {where} names shard(s) missing from it: "
                              f"{missing or 'none named'}")
     labels, multi_label = _labels(config, ref)
-    _refuse_unimplemented(_json(ref, where, "preprocessor_config.json", read), f"{where}/preprocessor_config.json")
+    # the preprocessing too: an image processor or a resize batchscore does not implement fails here
+    _preprocess_from(_json(ref, where, "preprocessor_config.json", read), config.get("model_type"),
+                     f"{where}/preprocessor_config.json")
     return CheckpointFiles(
         ref="<demo>" if ref is None else str(ref),
         where=where,
@@ -521,42 +519,59 @@ def _labels(config: dict, ref: str | None) -> tuple[tuple[str, ...], bool]:
 
 
 def preprocess_spec(path: Path) -> PreprocessSpec:
-    """Reads preprocessing through the checkpoint's own transformers image-processor class."""
-    from transformers import AutoImageProcessor
+    """Reads preprocessing from the checkpoint's preprocessor_config.json as its transformers
+    image-processor class would (`batchscore.image_processors`: the class's own defaults and
+    legacy forms, without importing transformers or torch).
 
+    Raises:
+        ModelError: an image processor batchscore does not read, or preprocessing its decode
+            does not implement (padding, a resize that is not height × width or a shortest
+            edge, resample 4 or 5, no fixed output size).
+    """
     raw = json.loads((path / "preprocessor_config.json").read_text())
-    where = f"{path}/preprocessor_config.json"
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    return _preprocess_from(raw, config.get("model_type"), f"{path}/preprocessor_config.json")
+
+
+def _preprocess_from(raw: dict, model_type: str | None, where: str) -> PreprocessSpec:
+    """`preprocess_spec` of a preprocessor_config.json's contents (`where`: its path)."""
+    from batchscore import image_processors
+
     try:
-        proc = AutoImageProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        raise ModelError(f"{where}: transformers cannot build its image processor: {e}") from e
-    _refuse_unimplemented(raw, where, proc)
+        proc = image_processors.read(raw, model_type, where)
+    except image_processors.ProcessorError as e:
+        raise ModelError(str(e)) from None
+    _refuse_unimplemented(raw, where)
 
     size = shortest = None
     if proc.do_resize:
-        s = proc.size
-        if s.height and s.width:
-            size = (int(s.height), int(s.width))
-        elif s.shortest_edge and not s.longest_edge:
-            shortest = int(s.shortest_edge)
+        s = proc.size or {}
+        if s.get("height") and s.get("width"):
+            size = (int(s["height"]), int(s["width"]))
+        elif s.get("shortest_edge") and not s.get("longest_edge"):
+            shortest = int(s["shortest_edge"])
         else:
-            raise ModelError(f"{where}: size {dict(s.__dict__) if hasattr(s, '__dict__') else s} is not implemented; "
-                             "expected height and width, or shortest_edge")
+            raise ModelError(f"{where}: size {s} is not implemented; expected height and width, or shortest_edge")
     crop = None
-    if getattr(proc, "do_center_crop", False):
+    if proc.do_center_crop:
         c = proc.crop_size
-        crop = (int(c.height), int(c.width))
-    resample = int(proc.resample) if proc.resample is not None else 2
-    if resample not in _TORCHVISION_INTERPOLATION or resample in (4, 5):
-        raise ModelError(f"{where}: resample={resample} is not implemented; expected 0 (nearest), 1, 2 or 3")
+        if not (c and c.get("height") and c.get("width")):
+            raise ModelError(f"{where}: crop_size {c} is not implemented; expected height and width")
+        crop = (int(c["height"]), int(c["width"]))
+    for key, needed in (("rescale_factor", proc.do_rescale), ("image_mean", proc.do_normalize),
+                        ("image_std", proc.do_normalize), ("resample", proc.do_resize)):
+        if needed and getattr(proc, key) is None:
+            raise ModelError(f"{where}: {key} is null; expected a value (or the key left out, for the default)")
+    if proc.resample not in _TORCHVISION_INTERPOLATION or proc.resample in (4, 5):
+        raise ModelError(f"{where}: resample={proc.resample} is not implemented; expected 0 (nearest), 1, 2 or 3")
     spec = PreprocessSpec(
         size=size,
         shortest_edge=shortest,
-        interpolation=_TORCHVISION_INTERPOLATION[resample],
+        interpolation=_TORCHVISION_INTERPOLATION[proc.resample],
         crop=crop,
-        rescale_factor=float(proc.rescale_factor) if proc.do_rescale else None,
-        mean=tuple(float(v) for v in proc.image_mean) if proc.do_normalize else None,
-        std=tuple(float(v) for v in proc.image_std) if proc.do_normalize else None,
+        rescale_factor=proc.rescale_factor if proc.do_rescale else None,
+        mean=proc.image_mean if proc.do_normalize else None,
+        std=proc.image_std if proc.do_normalize else None,
     )
     if size is None and shortest is None and crop is None:
         raise ModelError(f"{where}: neither resize nor crop is set, so images have no fixed size")
@@ -564,11 +579,10 @@ def preprocess_spec(path: Path) -> PreprocessSpec:
     return spec
 
 
-def _refuse_unimplemented(raw: dict, where: str, proc=None) -> None:
-    """Preprocessing batchscore's decode does not implement, from the file (`check`) and, once
-    transformers has read it, from the image processor (`preprocess_spec`)."""
+def _refuse_unimplemented(raw: dict, where: str) -> None:
+    """Preprocessing batchscore's decode does not implement (`check` and `preprocess_spec`)."""
     for key in ("do_pad", "do_flip_channel_order"):
-        if raw.get(key) or getattr(proc, key, False):
+        if raw.get(key):
             raise ModelError(f"{where}: {key}=true is not implemented by batchscore's decode")
     if raw.get("crop_pct") is not None:
         raise ModelError(f"{where}: crop_pct is not implemented by batchscore's decode")

@@ -1,8 +1,8 @@
 """The pipeline: the one place where the stages are wired, top to bottom.
 
     driver    prepare: check the checkpoint's files and list the inputs (no cluster: a bad
-              job fails in about a second); then start Ray while the model is resolved
-              (transformers); take the output's lease; stage a new run, or resume one
+              job fails in about a second); take the output's lease; start Ray while the
+              checkpoint's weights are hashed; stage a new run, or resume one
     workers   read → decode → predict (+ postprocess) → write       (`build_dataset`)
     driver    count each part's statistics (budget, progress, rows) → check rows against
               the inputs → write the manifest → commit
@@ -191,8 +191,8 @@ def score(config: ScoreConfig) -> RunResult:
     attempt = _new_run_id()
     lease = Lease(config.output, attempt).acquire()
     try:
-        # Ray starts (or connects) while the model is resolved: both mostly wait (on processes,
-        # the transformers import), so together they take the longer of the two.
+        # Ray starts (or connects) while the model is resolved (its weights hashed: ~1 s for a
+        # ViT-B/16; no transformers, no torch): both mostly wait, on processes and on the disk.
         def resolve():
             begun = time.monotonic()
             model = models.resolve(config.model, allow_pickle=config.allow_pickle, model_arch=config.model_arch)
