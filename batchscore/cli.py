@@ -351,5 +351,21 @@ def _attribute_docs() -> dict[str, str]:
     return out
 
 
+def entry() -> None:
+    """The `batchscore` command: `main`, then a prompt exit. Ray is shut down and the output
+    streams flushed first; then the process ends without the interpreter's teardown (~0.6 s on
+    2 cores of freeing a Ray driver's objects one by one, after everything was written)."""
+    code = main()
+    try:
+        ray = sys.modules.get("ray")  # imported only by the commands that start it
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    finally:
+        logging.shutdown()
+        _flush_stdout()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

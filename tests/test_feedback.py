@@ -2,7 +2,8 @@
 exit code and a message saying what and where; `validate` runs the same checks; the CLI's
 small sharp edges (repeated flags, closed pipes, `inspect` without a run, `--help`).
 
-Only `test_repeated_inputs_are_scored_and_top_k_is_capped` starts Ray. The bad jobs run
+Only `test_repeated_inputs_are_scored_and_top_k_is_capped` starts Ray (its own, which the
+command must stop on exit). The bad jobs run
 `batchscore score` as a subprocess with RAY_ADDRESS pointing at a closed port: a run that
 reached Ray would fail there with exit 4 (or hang), so exit 2 proves the check came first.
 """
@@ -332,14 +333,19 @@ def test_help_shows_defaults_and_exit_codes():
 
 # -- end to end (on the session's Ray) --------------------------------------------------------
 
-def test_repeated_inputs_are_scored_and_top_k_is_capped(tmp_path, ray_session):
+def test_repeated_inputs_are_scored_and_top_k_is_capped(tmp_path):
+    """The `batchscore` command end to end on a local Ray of its own, which it stops on exit:
+    no process of that Ray session outlives the command."""
     a, b = SAMPLES / "digit-0000.png", SAMPLES / "digit-0003.jpg"
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}  # the session's Ray
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     proc, seconds = batchscore("score", "--input", a, "--input", b, "--output", out, "--top-k", "50",
                                "--batch-size", "8", "--json", env=env, timeout=300)
-    print(f"FIGURE score of 2 images end to end on a running Ray: {seconds:.2f}s")
+    print(f"FIGURE score of 2 images end to end, local Ray started and stopped: {seconds:.2f}s")
     assert proc.returncode == 0, proc.stderr
+    session = re.search(r"/(session_[0-9_-]+)/logs", proc.stderr)
+    assert session, proc.stderr
+    assert _processes_of(session.group(1)) == [], "the command left its Ray's processes behind"
     warning = "top_k=50 but the checkpoint has 10 classes: using 10"
     assert proc.stderr.count(warning) == 1, proc.stderr
     manifest = json.loads((out / "_manifest.json").read_text())
@@ -348,3 +354,23 @@ def test_repeated_inputs_are_scored_and_top_k_is_capped(tmp_path, ray_session):
     rows = pq.read_table(out / manifest["files"][0]["name"]).to_pylist()
     assert sorted(r["id"] for r in rows) == [str(a), str(b)]
     assert all(len(r["labels"]) == 10 for r in rows)
+
+
+def _processes_of(session: str, wait: float = 30.0) -> list[str]:
+    """Command lines of live processes that name Ray session `session` (GCS, raylet, agents,
+    workers all do), after waiting up to `wait` s for them to go: workers leave on their own
+    once their raylet is gone."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if session in cmdline and state != "Z":
+                alive.append(f"{pid}: {cmdline[:120]}")
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
