@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 import batchscore
 from batchscore import listing, models, pipeline, read, runtime, write
@@ -240,8 +241,14 @@ def test_actor_gets_the_cpus_left_by_decode(ray_session, monkeypatch):
     res = runtime.actor_resources(ScoreConfig())
     assert (res.cpus, res.gpus) == (2 - 0.5 - runtime.WRITE_CPUS, 0.0)  # 2 CPUs in the test cluster, 0.5 for decode
     # Its OpenMP threads sleep rather than spin at barriers, as it shares cores; not on a GPU,
-    # and never against the user's own setting.
+    # and never against the user's own setting. A local Ray started by batchscore gives every
+    # worker that setting (so the actor needs no runtime env, and starts in a waiting worker);
+    # on any other Ray the actor carries it.
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert ray.get(ray.remote(lambda: os.environ.get("OMP_WAIT_POLICY")).remote()) == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in os.environ  # the driver's own environment is left as it was
+    assert res.runtime_env() == {}
+    monkeypatch.setattr(runtime, "_WORKERS_ENV_GCS", None)  # a cluster, or a Ray started elsewhere
     assert res.runtime_env() == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
     assert runtime.ActorResources(cpus=1.0, gpus=1.0).runtime_env() == {}
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")

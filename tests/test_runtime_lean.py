@@ -41,7 +41,7 @@ report["gcs_pid"] = node.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER][0]
 from ray._common.usage import usage_lib
 report["usage_stats_enabled"] = usage_lib.usage_stats_enabled()
 
-# An actor with a runtime_env, as batchscore's inference actor has (OMP_WAIT_POLICY).
+# An actor with a runtime_env, as batchscore's inference actor has on a cluster (OMP_WAIT_POLICY).
 @ray.remote(num_cpus=0.5, runtime_env={"env_vars": {"BATCHSCORE_LEAN_PROBE": "actor"}})
 class Probe:
     def env(self):
@@ -192,7 +192,8 @@ class _FakeInit:
     def __call__(self, *args, **kwargs):
         self.calls.append({"args": args, "kwargs": kwargs,
                            "node_patched": {n: self.node.__dict__[n] is not f for n, f in self.original.items()},
-                           "reporter_env": os.environ.get("REPORTER_UPDATE_INTERVAL_MS")})
+                           "reporter_env": os.environ.get("REPORTER_UPDATE_INTERVAL_MS"),
+                           "omp_env": os.environ.get("OMP_WAIT_POLICY")})
 
 
 @pytest.fixture
@@ -202,6 +203,7 @@ def fake_init(monkeypatch):
     fake = _FakeInit()
     monkeypatch.setattr(ray, "init", fake)
     monkeypatch.delenv("REPORTER_UPDATE_INTERVAL_MS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", os.environ.get("RAY_USAGE_STATS_ENABLED", "0"))
     yield fake
     assert all(fake.node.__dict__[n] is f for n, f in fake.original.items())
@@ -219,6 +221,8 @@ def test_lean_start_leaves_out_dashboard_monitor_metrics_and_task_events(fake_in
                                     "task_events_report_interval_ms": 500}  # the caller's value wins
     assert call["node_patched"] == {"start_api_server": True, "start_monitor": True}
     assert call["reporter_env"] == "60000" and "REPORTER_UPDATE_INTERVAL_MS" not in os.environ
+    # what Ray's processes inherit while it starts, and the driver's own environment after
+    assert call["omp_env"] == "PASSIVE" and "OMP_WAIT_POLICY" not in os.environ
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
 
 
