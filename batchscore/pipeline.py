@@ -254,6 +254,7 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
         # prefetch_batches=0: each part's record is counted as soon as it is written.
         parts = build_dataset(config, model, inputs, todo, part).iter_batches(
             batch_format="pyarrow", batch_size=None, prefetch_batches=0)
+        report.prepare()  # its imports while the workers score, not after the commit
         with run.lease.held():  # renewed from a thread: one part may take minutes to come
             for batch in parts:
                 for stats in batch.column("part").to_pylist():

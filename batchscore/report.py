@@ -172,6 +172,22 @@ def format_report(report: dict) -> str:
 # -- the HTML report ----------------------------------------------------------------------------
 
 
+def prepare() -> None:
+    """Imports what the report draws with (matplotlib, ~0.5 s) in a background thread, so that
+    `after_commit` does not add it to the end of a run: the pipeline calls this while the
+    workers score and the driver mostly waits."""
+    import threading
+
+    def load() -> None:
+        try:
+            import matplotlib.backends.backend_svg  # noqa: F401 - what `_svg` saves with
+            import matplotlib.figure  # noqa: F401
+        except Exception:  # noqa: BLE001 - `after_commit` reports a missing matplotlib itself
+            pass
+
+    threading.Thread(target=load, name="batchscore-report-imports", daemon=True).start()
+
+
 def after_commit(config) -> str | None:
     """Writes `_report.html` for the run just committed in `config.output`, against
     `config.baseline`; a failure is logged, never raised (the run is committed either way)."""
