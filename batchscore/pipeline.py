@@ -260,7 +260,9 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
                 for stats in batch.column("part").to_pylist():
                     run.add(json.loads(stats))
                 if run.budget.blown_early():
-                    break  # leaving the iterator stops the Ray Data execution
+                    # leaving the loop drops its iterator, whose close shuts Ray Data's execution
+                    # down (actors and their CPUs freed: tests/test_budget.py checks)
+                    break
     timings["scoring_seconds"] = time.monotonic() - scoring
     run.progress.finish()  # the final progress line, once; closes a notebook's bar
     if run.budget.blown():

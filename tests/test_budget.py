@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -62,13 +63,30 @@ def test_blown_budget_stops_early(ray_session, tmp_path, photos, checkpoints):
     for p in sorted(photos.iterdir())[:5]:
         shutil.copy(p, d / f"z-{p.name}")
     out = tmp_path / "out"
-    with pytest.raises(ErrorBudgetExceeded, match="stopped early"):
+    with pytest.raises(ErrorBudgetExceeded, match="stopped early") as failed:
         pipeline.score(ScoreConfig(input=(str(d),), output=str(out), model=str(checkpoints["vit"]),
                                    max_error_fraction=0.1, decode_batch_size=16, batch_size=16, rows_per_file=16))
+    # The stopped run's actors let go of their CPUs, although its traceback (held here, as a
+    # notebook holds its last error) keeps score()'s frame alive: the next run gets the cluster.
+    assert failed.value.__traceback__ is not None
+    assert _cpus_free_again(), "the stopped run's Ray Data execution still holds the cluster's CPUs"
     summary = staged_summary(out)
     print(f"FIGURE budget 0.1 over 305 inputs: stopped after {summary['rows_seen']} rows, {summary['errors']} errors")
     assert summary["aborted_early"] and summary["rows_seen"] < 305 and summary["errors"] > 30
     assert not (out / "_SUCCESS").exists()
+
+
+def _cpus_free_again(wait: float = 60.0) -> bool:
+    """Whether every CPU of the Ray cluster is free, waiting up to `wait` s for killed actors'
+    resources to come back."""
+    import ray
+
+    deadline = time.monotonic() + wait
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def test_budget_arithmetic():
