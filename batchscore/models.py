@@ -13,14 +13,15 @@ Everything about a model comes from its own files: labels and task from `config.
 preprocessing from `preprocessor_config.json` (read as the checkpoint's own transformers
 image-processor class reads it, with that class's defaults, so legacy forms such as
 `"size": 224` mean exactly what transformers makes of them: `batchscore.image_processors`,
-which needs neither transformers nor torch), weights from safetensors only. A reference that is
-neither an existing directory nor a bucket URI is an error: batchscore never falls back to a
-hub download, and never runs code shipped with a checkpoint (`trust_remote_code` is never set).
+which needs neither transformers nor torch), weights from safetensors only. A reference
+that is neither an existing directory nor a bucket URI is an error: batchscore never falls
+back to a hub download, and never runs code shipped with a checkpoint (`trust_remote_code`
+is never set).
 
 `check` is the cheap part of `resolve`: the checkpoint's files, labels, preprocessing and
-weights, read without transformers, and without torch for transformers folders (timm folders and `.npz`
-files import timm there, to check the architecture; a run does it before Ray starts,
-`batchscore validate` too).
+weights, read without transformers, and without torch for transformers folders (timm
+folders and `.npz` files import timm there, to check the architecture; a run does it before
+Ray starts, `batchscore validate` too).
 """
 
 from __future__ import annotations
