@@ -431,9 +431,11 @@ def _draft_size(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
     """
     if spec.size:
         side = max(spec.size)
-    else:
+    elif spec.shortest_edge:
         w, h = size
         side = max(resize_target((h, w), spec))
+    else:
+        return size  # no resize: the crop takes the image's own pixels, so no DCT downscaling
     if spec.crop:
         side = max(side, *spec.crop)
     return (max(DRAFT_MARGIN * side, size[0] // 4), max(DRAFT_MARGIN * side, size[1] // 4))

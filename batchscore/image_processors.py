@@ -129,8 +129,8 @@ def read(raw: dict, model_type: str | None, where: str) -> Processor:
         # transformers sets it after building the processor)
         return raw[key] if key in raw else default
 
-    square = value("default_to_square", defaults.default_to_square)
-    square = defaults.default_to_square if square is None else bool(square)
+    # null is falsy there too: an int size becomes the shortest edge
+    square = bool(value("default_to_square", defaults.default_to_square))
     size = value("size", defaults.size)
     crop = value("crop_size", defaults.crop_size)
     resample = value("resample", defaults.resample)
@@ -172,12 +172,15 @@ def _size_dict(size, default_to_square: bool, where: str) -> dict:
 
 
 def _channels(values, where: str) -> tuple[float, ...] | None:
-    """Mean or std per RGB channel: a list of three numbers, or one number for all three."""
+    """Mean or std per RGB channel: a list of three numbers, or one number (bare or in a list)
+    for all three."""
     if values is None:
         return None
+    if isinstance(values, list) and len(values) == 1:
+        values = values[0]
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         return (float(values),) * 3
     if isinstance(values, (list, tuple)) and len(values) == 3 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         return tuple(float(v) for v in values)
-    raise ProcessorError(f"{where}: expected three numbers (R, G, B) or one, got {values!r}")
+    raise ProcessorError(f"{where}: expected three numbers (R, G, B) or one for all three, got {values!r}")

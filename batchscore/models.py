@@ -37,7 +37,13 @@ DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "checkpoint"
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _PICKLE_ENDINGS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
-_TORCHVISION_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# PIL's resample codes as transformers' torchvision backend resizes with them (its
+# `pil_torch_interpolation_mapping`): PIL's NEAREST is torchvision's NEAREST_EXACT (pixel
+# centres), not NEAREST; 4 (box) and 5 (hamming) have no torchvision mode.
+_TORCHVISION_INTERPOLATION = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+# The largest model input side batchscore accepts from a preprocessor config: ViT checkpoints
+# use 224-518; a larger value is a typo that would allocate gigabytes per decoded image.
+MAX_INPUT_SIDE = 4096
 
 
 class ModelError(ValueError):
@@ -563,8 +569,18 @@ def _preprocess_from(raw: dict, model_type: str | None, where: str) -> Preproces
                         ("image_std", proc.do_normalize), ("resample", proc.do_resize)):
         if needed and getattr(proc, key) is None:
             raise ModelError(f"{where}: {key} is null; expected a value (or the key left out, for the default)")
-    if proc.resample not in _TORCHVISION_INTERPOLATION or proc.resample in (4, 5):
-        raise ModelError(f"{where}: resample={proc.resample} is not implemented; expected 0 (nearest), 1, 2 or 3")
+    # values that would make every row wrong (a zero std: inf and NaN; a zero factor: one constant input)
+    if proc.do_rescale and not proc.rescale_factor > 0:
+        raise ModelError(f"{where}: rescale_factor must be > 0 (usually 1/255), got {proc.rescale_factor}")
+    if proc.do_normalize and not all(v > 0 for v in proc.image_std):
+        raise ModelError(f"{where}: every image_std must be > 0, got {list(proc.image_std)}")
+    for name, hw in (("size", size), ("shortest_edge", (shortest, shortest) if shortest else None), ("crop_size", crop)):
+        if hw and not all(0 < v <= MAX_INPUT_SIDE for v in hw):
+            raise ModelError(f"{where}: {name} {list(hw) if name != 'shortest_edge' else shortest} is out of range; "
+                             f"expected sides of 1 to {MAX_INPUT_SIDE} pixels")
+    if proc.resample not in _TORCHVISION_INTERPOLATION:
+        raise ModelError(f"{where}: resample={proc.resample} is not implemented; expected 0 (nearest), 1 (lanczos), "
+                         "2 (bilinear) or 3 (bicubic)")
     spec = PreprocessSpec(
         size=size,
         shortest_edge=shortest,
@@ -576,7 +592,9 @@ def _preprocess_from(raw: dict, model_type: str | None, where: str) -> Preproces
     )
     if size is None and shortest is None and crop is None:
         raise ModelError(f"{where}: neither resize nor crop is set, so images have no fixed size")
-    spec.output_hw  # noqa: B018 - raises when the spec has no fixed output size
+    if crop is None and size is None:
+        raise ModelError(f"{where}: a shortest_edge resize ({shortest}) without a centre crop gives no fixed input "
+                         "size; expected size with height and width, or do_center_crop with a crop_size")
     return spec
 
 

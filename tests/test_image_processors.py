@@ -85,6 +85,49 @@ def test_reads_the_file_as_transformers_does(tmp_path, case, backend):
     assert ours == _from_transformers(path, backend)
 
 
+# Files whose pixels are compared with transformers' own pixel_values on real photos: the
+# attributes above can agree while the pixels do not (resample 0 is torchvision's
+# NEAREST_EXACT; a null default_to_square makes an int size the shortest edge).
+PIXEL_CASES = {
+    "published-vit": ("vit", PREPROCESSOR["vit"]),
+    "published-deit": ("deit", PREPROCESSOR["deit"]),
+    "published-beit": ("beit", PREPROCESSOR["beit"]),
+    **{f"resample-{r}": ("vit", {"image_processor_type": "ViTImageProcessor", "size": 96, "resample": r})
+       for r in (0, 1, 2, 3)},
+    "square-null": ("deit", {"image_processor_type": "DeiTImageProcessor", "size": 72, "crop_size": 64,
+                             "default_to_square": None}),
+    "shortest-edge-crop": ("deit", {"image_processor_type": "DeiTImageProcessor", "size": {"shortest_edge": 80},
+                                    "crop_size": [64, 48]}),
+    "one-element-mean": ("vit", {"image_processor_type": "ViTImageProcessor", "size": 64, "image_mean": [0.4],
+                                 "image_std": [0.2]}),
+    "crop-only": ("beit", {"image_processor_type": "BeitImageProcessor", "do_resize": False, "do_center_crop": True,
+                           "crop_size": 300}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PIXEL_CASES))
+def test_pixels_equal_transformers_pixel_values(tmp_path, case):
+    import torch
+    from transformers import AutoImageProcessor
+    from transformers.image_utils import load_image
+
+    from batchscore.decode import decode_one
+    from conftest import real_photo_paths
+
+    model_type, raw = PIXEL_CASES[case]
+    path = _folder(tmp_path, model_type, raw)
+    spec = models.preprocess_spec(path)
+    proc = AutoImageProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    for photo in [p for p in real_photo_paths() if p.name in ("chelsea.png", "rocket.jpg", "camera.png")]:
+        ref = proc(load_image(str(photo)), return_tensors="pt")["pixel_values"][0]
+        ours = torch.from_numpy(decode_one(photo.read_bytes(), spec, 10**9)).float()
+        ours = ours * spec.rescale_factor if spec.rescale_factor else ours
+        if spec.mean is not None:
+            ours = (ours - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+        assert ours.shape == ref.shape, photo.name
+        assert float((ours - ref).abs().max()) < 1e-5, (photo.name, float((ours - ref).abs().max()))
+
+
 def test_every_class_is_the_one_transformers_maps_its_model_type_to():
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
@@ -101,6 +144,11 @@ def test_every_class_is_the_one_transformers_maps_its_model_type_to():
     ({"image_processor_type": "ViTImageProcessor", "image_mean": [0.5, 0.5]}, "image_mean: expected three numbers"),
     ({"image_processor_type": "ViTImageProcessor", "do_center_crop": True}, "crop_size None is not implemented"),
     ({"image_processor_type": "ViTImageProcessor", "resample": 5}, "resample=5 is not implemented"),
+    ({"image_processor_type": "ViTImageProcessor", "size": 224, "default_to_square": None}, "no fixed input size"),
+    ({"image_processor_type": "ViTImageProcessor", "image_std": [0, 0, 0]}, "every image_std must be > 0"),
+    ({"image_processor_type": "ViTImageProcessor", "rescale_factor": 0}, "rescale_factor must be > 0"),
+    ({"image_processor_type": "ViTImageProcessor", "size": -5}, "size [-5, -5] is out of range"),
+    ({"image_processor_type": "DeiTImageProcessor", "crop_size": 100000}, "crop_size [100000, 100000] is out of"),
     ({"image_processor_type": "ViTImageProcessor", "size": None}, "size {} is not implemented"),
     ({"image_processor_type": "ViTImageProcessor", "image_std": None}, "image_std is null; expected a value"),
 ])
