@@ -29,6 +29,9 @@ CODES: dict[str, str] = {
     "decode.no_pixels": "zero width or height",
     "decode.internal": "a failure in batchscore's own steps after the image decoded (a bug to report; "
                        "logged with its traceback)",
+    # predict: the image decoded, the model's output for it is unusable
+    "predict.nonfinite": "the model's output (logits or embedding) holds NaN or inf: an overflow (e.g. fp16 on a "
+                         "GPU) or a broken checkpoint; no probs or embedding written",
     "internal": "an error text without a known code (a bug to report)",
 }
 

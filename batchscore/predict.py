@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchscore import feed, sizing
-from batchscore.errors import code_of
+from batchscore.errors import code_of, error
 from batchscore.models import ModelInfo, TaskSpec, local_path
 from batchscore.postprocess import Postprocessor, Thresholds
 from batchscore.progress import log_from_worker
@@ -245,11 +245,25 @@ class Predictor:
             began = time.perf_counter()
             with torch.inference_mode():
                 outputs = self.feeder.run(pixels, size, lambda x: self.forward(self.normalize(x)))
-                if self.post:  # top-k on the device, one copy to the host
-                    idx, probs = self.post(torch.cat([logits for logits, _ in outputs]))
+                logits = torch.cat([logits for logits, _ in outputs]) if self.post else None
                 if self.task.embeds:
                     vectors = torch.cat([vector for _, vector in outputs]).float().cpu().numpy()
-            self.sizer.record(size, int(valid.sum()), time.perf_counter() - began)
+                # A NaN or inf output (an fp16 overflow, a broken checkpoint) is that row's error,
+                # never a row of NaN probabilities, nor a failed run.
+                finite = torch.isfinite(logits).all(dim=1).cpu().numpy() if logits is not None \
+                    else np.ones(int(valid.sum()), dtype=bool)
+                if self.task.embeds:
+                    finite &= np.isfinite(vectors).all(axis=1)
+                if not finite.all():
+                    bad = np.flatnonzero(valid)[~finite]
+                    for i in bad:
+                        errors[i] = error("predict.nonfinite", f"the model's output holds NaN or inf ({self.dtype})")
+                    valid[bad] = False
+                    vectors = vectors[finite] if self.task.embeds else vectors
+                    logits = logits[torch.from_numpy(finite).to(logits.device)] if logits is not None else None
+                if self.post:  # top-k on the device, one copy to the host
+                    idx, probs = self.post(logits)
+            self.sizer.record(size, len(finite), time.perf_counter() - began)
         decoded = batch.get("decode_seconds")
         if self.clock.leave(len(errors), float(np.sum(decoded)) if decoded is not None else 0.0):
             log.info("%s", sizing.assess(**self.clock.figures(), decode_cpus=self.feeding.decode_cpus,

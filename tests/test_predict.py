@@ -52,6 +52,30 @@ def test_rows_with_errors_skip_the_model_and_keep_their_error(checkpoints):
     assert alone["labels"] == out[2]["labels"] and np.allclose(alone["probs"], out[2]["probs"], atol=1e-5)
 
 
+def test_a_non_finite_output_is_that_rows_error(checkpoints):
+    """An image whose logits hold NaN or inf (an fp16 overflow on a GPU; here the classifier's
+    output for row 1 made NaN by a hook) becomes a `predict.nonfinite` error row; the other
+    rows keep exactly the probabilities they have without it."""
+    info = models.resolve(str(checkpoints["vit"]))
+    p = predict.Predictor(info, "cpu", "fp32", top_k=2, batch_size=4)
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 3, 224, 224), dtype=np.uint8)
+    batch = {"id": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
+             "error": np.array(["", "", ""], dtype=object), "meta": np.array(["m0", "m1", "m2"], dtype=object)}
+    clean = p(batch).to_pylist()
+
+    def poison(module, args, out):
+        out = out.clone()
+        out[1, 0] = float("nan")
+        return out
+
+    p.net.classifier.register_forward_hook(poison)
+    out = p(batch).to_pylist()
+    assert [r["error_code"] for r in out] == [None, "predict.nonfinite", None]
+    assert out[1]["labels"] is None and out[1]["probs"] is None
+    for i in (0, 2):
+        assert out[i]["labels"] == clean[i]["labels"] and np.allclose(out[i]["probs"], clean[i]["probs"], atol=1e-6)
+
+
 def test_all_rows_failed_batch(checkpoints):
     info = models.resolve(str(checkpoints["vit"]))
     p = predict.Predictor(info, "cpu", "fp32", top_k=3)
