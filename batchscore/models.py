@@ -140,8 +140,8 @@ def check(ref: str | None, allow_pickle: bool = False, model_arch: str | None = 
     It is the part of `resolve` that needs neither, so a run learns of a missing folder, a
     missing `preprocessor_config.json`, pickle-only or absent weights, or a headless
     `config.json` in well under a second, before Ray starts; `resolve` raises the same
-    `ModelError`s (both go through `_check_files`). What only transformers can tell
-    (how it reads the preprocessing) is left to `resolve`. A timm folder's or .npz's
+    `ModelError`s (both go through `_check_files`); a local folder's safetensors headers
+    are read for the tensor names (`_check_weight_names`). A timm folder's or .npz's
     architecture is checked against timm's model names here (importing timm, for those
     layouts only), and every array of a local .npz against the shape its architecture (or
     `model_arch`) expects.
@@ -173,7 +173,39 @@ def check(ref: str | None, allow_pickle: bool = False, model_arch: str | None = 
         return _check_npz(ref, path, model_arch)[0]
     if not path.is_dir():
         raise ModelError(_not_a_folder(ref, path))
-    return _check_files(ref, str(path), _file_names(path), lambda name: (path / name).read_bytes(), allow_pickle)
+    files = _check_files(ref, str(path), _file_names(path), lambda name: (path / name).read_bytes(), allow_pickle)
+    if files.layout == "transformers" and files.weights_format == "safetensors":  # headers only, milliseconds
+        _check_weight_names(files, _weight_names(path, files.weights))
+    return files
+
+
+# config.json model_type → the prefix of its base model's tensors in a classifier's weights
+# (transformers' `base_model_prefix`); a headless model's tensors have none.
+_BASE_MODEL_PREFIX = {"vit": "vit", "deit": "deit", "beit": "beit"}
+
+
+def _check_weight_names(files: CheckpointFiles, keys: set[str]) -> None:
+    """The safetensors tensor names against config.json: a classifier's head is there, and the
+    base model's tensors are of the model type config.json names. Otherwise transformers would
+    build the missing parts at random, which the model actor refuses, but only after Ray
+    started (exit 4, tens of seconds later).
+
+    Raises:
+        ModelError: the weights lack the classification head config.json names, or are
+            another model type's.
+    """
+    where = f"{files.where}/{files.weights}"
+    prefix = _BASE_MODEL_PREFIX.get(files.model_type)
+    others = sorted({k.split(".", 1)[0] for k in keys} & set(_BASE_MODEL_PREFIX.values()) - {prefix})
+    if prefix and others and not any(k.startswith(prefix + ".") for k in keys):
+        raise ModelError(f"model {files.ref!r}: config.json says model_type {files.model_type!r}, but the tensors "
+                         f"in {where} are named for {others[0]!r} ({others[0]}.…, expected {prefix}.…): the "
+                         "config and the weights are of different models")
+    if files.has_head and not any(k.split(".")[-2].endswith("classifier") for k in keys if k.count(".") >= 1):
+        raise ModelError(f"model {files.ref!r}: config.json names a classification head ({len(files.labels)} labels), "
+                         f"but {where} holds no classifier tensor (e.g. classifier.weight): these are a headless "
+                         "model's weights. For embeddings, give them a config.json whose architectures is the "
+                         "headless model (e.g. ViTModel) and score with --task embed")
 
 
 def _check_npz(ref: str | None, path: Path, model_arch: str | None = None) -> tuple[CheckpointFiles, dict]:
@@ -229,6 +261,8 @@ def resolve(ref: str | None, allow_pickle: bool = False, model_arch: str | None 
         return _resolve_timm(files, path, cache_key)
     config = json.loads((path / "config.json").read_text())
     keys = _weight_names(path, files.weights) if files.weights_format == "safetensors" else set()
+    if keys:
+        _check_weight_names(files, keys)  # done by `check` for local folders; here for fetched ones too
     hidden = int(config.get("hidden_size") or 0)
     return ModelInfo(
         ref="<demo>" if ref is None else str(ref),

@@ -163,3 +163,30 @@ def test_weights_hash_tracks_the_weights(tmp_path):
     with open(b / "model.safetensors", "ab") as f:
         f.write(b" ")
     assert models.resolve(str(a)).weights_sha256 != models.resolve(str(b)).weights_sha256
+
+
+def test_weights_of_another_model_are_refused_before_ray(tmp_path):
+    """config.json and model.safetensors must be of one model: a classifier's config over a
+    headless model's weights, or a DeiT config over ViT weights, is a ModelError from `check`
+    (before Ray), not random layers refused by the model actor tens of seconds later."""
+    import transformers as tf
+
+    vit = make_checkpoint("vit", tmp_path / "vit")
+    headless = tmp_path / "headless-weights"
+    shutil.copytree(vit, headless)
+    base = tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=37, image_size=224, patch_size=16), add_pooling_layer=False)
+    base.save_pretrained(tmp_path / "base")
+    shutil.copy(tmp_path / "base" / "model.safetensors", headless / "model.safetensors")
+    with pytest.raises(ModelError, match="holds no classifier tensor .e.g. classifier.weight.: these are a headless"):
+        models.check(str(headless))
+    with pytest.raises(ModelError, match="holds no classifier tensor"):
+        models.resolve(str(headless))
+
+    wrong_type = tmp_path / "deit-config"
+    shutil.copytree(vit, wrong_type)
+    config = json.loads((wrong_type / "config.json").read_text())
+    (wrong_type / "config.json").write_text(json.dumps({**config, "model_type": "deit"}))
+    with pytest.raises(ModelError, match="model_type 'deit', but the tensors in .* are named for 'vit'"):
+        models.check(str(wrong_type))
+    assert models.check(str(vit)).has_head  # the matching pair passes
