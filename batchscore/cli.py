@@ -51,6 +51,8 @@ log = logging.getLogger("batchscore")
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if _separate_results and args.command in ("score", "demo"):
+            _keep_stdout_for_results()  # the commands that start Ray, whose processes print to stdout
 
         def command():
             if args.command == "inspect":
@@ -203,28 +205,51 @@ def _guarded(command, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Where results go (the summary, --json, validate's job file): None is sys.stdout. The
+# `batchscore` command (`entry`) keeps the process's real stdout for them alone while a run's
+# Ray prints its own lines (workers' stdout, the raylet's errors) to stdout: those then go to
+# stderr, so `batchscore score --json | jq .` reads only the result.
+_separate_results = False
+_results = None
+
+
+def _keep_stdout_for_results() -> None:
+    """Results to the real stdout (a duplicate of its descriptor); descriptor 1, and with it
+    whatever Ray or a library writes to stdout, to stderr."""
+    global _results
+    if _results is not None:
+        return
+    sys.stdout.flush()
+    _results = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding=sys.stdout.encoding, errors="replace")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
+def _stdout():
+    return _results if _results is not None else sys.stdout
+
+
 def _out(text: str) -> None:
-    """Prints to stdout; a reader that went away (`batchscore ... | head -1`) ends the output
-    quietly instead of with a BrokenPipeError traceback."""
+    """Prints a result to stdout; a reader that went away (`batchscore ... | head -1`) ends
+    the output quietly instead of with a BrokenPipeError traceback."""
     try:
-        print(text, flush=True)
+        print(text, file=_stdout(), flush=True)
     except BrokenPipeError:
         _drop_stdout()
 
 
 def _flush_stdout() -> None:
     try:
-        sys.stdout.flush()
+        _stdout().flush()
     except BrokenPipeError:
         _drop_stdout()
 
 
 def _drop_stdout() -> None:
-    """Points stdout at /dev/null, so what is left in its buffer, and Python's own flush at
-    exit, go nowhere instead of raising again."""
+    """Points the results' stdout at /dev/null, so what is left in its buffer, and Python's
+    own flush at exit, go nowhere instead of raising again."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, _stdout().fileno())
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (tests)
         pass
@@ -355,6 +380,8 @@ def entry() -> None:
     """The `batchscore` command: `main`, then a prompt exit. Ray is shut down and the output
     streams flushed first; then the process ends without the interpreter's teardown (~0.6 s on
     2 cores of freeing a Ray driver's objects one by one, after everything was written)."""
+    global _separate_results
+    _separate_results = True
     code = main()
     try:
         ray = sys.modules.get("ray")  # imported only by the commands that start it

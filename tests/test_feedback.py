@@ -343,6 +343,7 @@ def test_repeated_inputs_are_scored_and_top_k_is_capped(tmp_path):
                                "--batch-size", "8", "--json", env=env, timeout=300)
     print(f"FIGURE score of 2 images end to end, local Ray started and stopped: {seconds:.2f}s")
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["rows"] == 2  # stdout holds the result alone
     session = re.search(r"/(session_[0-9_-]+)/logs", proc.stderr)
     assert session, proc.stderr
     assert _processes_of(session.group(1)) == [], "the command left its Ray's processes behind"
@@ -374,3 +375,16 @@ def _processes_of(session: str, wait: float = 30.0) -> list[str]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.5)
+
+
+def test_stdout_holds_only_the_result_when_the_command_runs_ray():
+    """What Ray's processes and libraries print to stdout while `batchscore score` runs (the
+    raylet's errors, workers' prints: all inherit descriptor 1) goes to stderr; the result
+    alone goes to stdout."""
+    code = ("import os, sys; from batchscore import cli; cli._keep_stdout_for_results(); "
+            "print('stray from python'); sys.stdout.flush(); os.system('echo stray from a child process'); "
+            "cli._out('the result'); cli._flush_stdout()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "the result\n"
+    assert "stray from python" in proc.stderr and "stray from a child process" in proc.stderr
