@@ -33,6 +33,7 @@ EXIT_BUDGET = 3  # more error rows than max_error_fraction allows; nothing was c
 EXIT_FAILED = 4  # the run failed (infrastructure, output); nothing was committed
 EXIT_BUSY = 5  # another run holds the output's lease; nothing was written, retry later
 EXIT_NOT_COMMITTED = 6  # inspect: the output holds no committed run (nothing to report yet)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it; nothing committed, staged parts kept
 
 EXIT_HELP = """exit status:
   0  committed, or already committed (validate: every check passed; inspect: reported)
@@ -41,6 +42,8 @@ EXIT_HELP = """exit status:
   4  the run failed (infrastructure, output, rows not matching inputs); nothing committed
   5  another run holds the output's lease; nothing written, retry later
   6  inspect, report: the output (or the --baseline named) holds no committed run
+  15 stopped by SIGTERM (Ray's handler in the driver); nothing committed, staged parts kept
+  130 interrupted (Ctrl-C); nothing committed, staged parts kept for --resume
 
 Local relative paths in flags are relative to the working directory; in a --config job file,
 to the job file's folder."""
@@ -195,6 +198,9 @@ def _guarded(command, args: argparse.Namespace) -> int:
     with cli_terms():  # messages and summaries say `--overwrite`, not `overwrite=True`
         try:
             result = command()
+        except KeyboardInterrupt:  # one line, not Ray Data's traceback; the lease was released on the way out
+            log.error("interrupted: nothing committed; the parts staged so far stay for --resume")
+            return EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 - every failure ends as a message and an exit code
             code = _exit_code(e)
             log.error("%s: %s", type(e).__name__, e, exc_info=code == EXIT_FAILED)

@@ -388,3 +388,20 @@ def test_stdout_holds_only_the_result_when_the_command_runs_ray():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "the result\n"
     assert "stray from python" in proc.stderr and "stray from a child process" in proc.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130(caplog):
+    """Ctrl-C during a run: exit 130 (as shells report SIGINT, listed in --help) with one
+    line saying nothing was committed, not a traceback from Ray Data's internals."""
+    import argparse
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with caplog.at_level("ERROR", logger="batchscore"):
+        code = cli._guarded(interrupted, argparse.Namespace())
+    assert code == cli.EXIT_INTERRUPTED == 130
+    assert [r.getMessage() for r in caplog.records] == [
+        "interrupted: nothing committed; the parts staged so far stay for --resume"]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert "130 interrupted (Ctrl-C)" in cli.EXIT_HELP
