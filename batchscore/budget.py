@@ -54,7 +54,9 @@ class ErrorBudget:
         where = write(ERRORS, json.dumps(summary, indent=2))
         total = self.expected if aborted_early else self.rows
         codes = ", ".join(f"{k}={v}" for k, v in self.by_code.most_common())
+        from batchscore.progress import option  # in the caller's terms: --max-error-fraction or max_error_fraction=
+
         return ErrorBudgetExceeded(
-            f"{self.errors} error rows ({codes}) of {total} exceed max_error_fraction={self.max_fraction:g}"
+            f"{self.errors} error rows ({codes}) of {total} exceed {option('max_error_fraction', f'{self.max_fraction:g}')}"
             f"{' (stopped early: the budget could no longer be met)' if aborted_early else ''}; "
             f"nothing was committed; summary and examples in {where}")

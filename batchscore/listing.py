@@ -40,6 +40,7 @@ from batchscore import formats
 from batchscore import fs as fsutil
 from batchscore import output
 from batchscore.config import PASSTHROUGH_FORMATS, ScoreConfig, passthrough_refused
+from batchscore.progress import option  # messages in the caller's terms: --formats or formats
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ def listed(config: ScoreConfig) -> Listing:
     del files
     if skipped:
         what = "images" if fmt == "files" else f"{fmt} inputs"
-        hint = ("to score them, add their format to `formats` (or their ending to `extensions`)" if fmt == "files"
-                else "set input_format to choose another kind of input")
+        hint = (f"to score them, add their format to {option('formats')} (or their ending to {option('extensions')})"
+                if fmt == "files" else f"set {option('input_format')} to choose another kind of input")
         log.warning("skipped %d listed file(s) that are not %s: %s (%s)", sum(skipped.values()), what,
                     ", ".join(f"{ext} x{n}" for ext, n in skipped.most_common()), hint)
     if not chosen:
@@ -417,9 +418,10 @@ def _detect(files: list[tuple[str, int | None]], config: ScoreConfig) -> str:
             return "manifest"
         raise ListingError(f"{parquets[0]}: cannot tell the input format: expected a column "
                            f"{config.image_column!r} (image bytes) or {config.uri_column!r} (image URIs), "
-                           f"found {names}; set input_format, image_column or uri_column")
+                           f"found {names}; set {option('input_format')}, {option('image_column')} or "
+                           f"{option('uri_column')}")
     raise ListingError(f"cannot tell the input format of {len(files)} file(s) with endings {sorted(endings)}; "
-                       "set input_format")
+                       f"set {option('input_format')}")
 
 
 # -- manifests --------------------------------------------------------------------------

@@ -197,6 +197,15 @@ def overwrite_hint() -> str:
     return "--overwrite" if _cli.get() else "overwrite=True"
 
 
+def option(name: str, value=None) -> str:
+    """A setting as the caller writes it: `--max-error-fraction 0.1` on the command line,
+    `max_error_fraction=0.1` from Python and in job files (the name alone without a value)."""
+    if _cli.get():
+        flag = "--" + name.replace("_", "-")
+        return flag if value is None else f"{flag} {value}"
+    return name if value is None else f"{name}={value}"
+
+
 @contextlib.contextmanager
 def python_caller() -> Iterator[None]:
     """Feedback for a call from Python (a notebook, a script) that did not set up logging.

@@ -43,7 +43,7 @@ def test_over_budget_fails_with_exit_3_and_commits_nothing(ray_session, tmp_path
                           env=env, capture_output=True, text=True, timeout=300)
     print(f"FIGURE budget via the CLI: exit {proc.returncode}, _SUCCESS present: {(out / '_SUCCESS').exists()}")
     assert proc.returncode == EXIT_BUDGET, proc.stderr[-2000:]
-    assert "ErrorBudgetExceeded: 3 error rows (decode.empty=3) of 13 exceed max_error_fraction=0.2" in proc.stderr
+    assert "ErrorBudgetExceeded: 3 error rows (decode.empty=3) of 13 exceed --max-error-fraction 0.2" in proc.stderr
     assert not (out / "_SUCCESS").exists() and sorted(p.name for p in out.iterdir()) == ["_staging"]
     assert not list(out.glob("*.parquet")) and not (out / "_staging" / "_lease").exists()
     summary = staged_summary(out)
@@ -68,6 +68,7 @@ def test_blown_budget_stops_early(ray_session, tmp_path, photos, checkpoints):
                                    max_error_fraction=0.1, decode_batch_size=16, batch_size=16, rows_per_file=16))
     # The stopped run's actors let go of their CPUs, although its traceback (held here, as a
     # notebook holds its last error) keeps score()'s frame alive: the next run gets the cluster.
+    assert "exceed max_error_fraction=0.1" in str(failed.value)  # Python's terms (the CLI's: --max-error-fraction)
     assert failed.value.__traceback__ is not None
     assert _cpus_free_again(), "the stopped run's Ray Data execution still holds the cluster's CPUs"
     summary = staged_summary(out)
