@@ -133,10 +133,13 @@ def validate(config: ScoreConfig) -> None:
     def committed() -> str:
         if "{date}" in config.output:
             return f"{config.output} holds {{date}}: one output per date"
+        from batchscore.lease import Lease
+
         manifest = output.read_manifest(config.output)
-        if manifest:
-            return f"{config.output} holds committed run {manifest['run_id']}; score is a no-op there unless --overwrite"
-        return f"{config.output} (no committed run)"
+        said = (f"{config.output} holds committed run {manifest['run_id']}; score is a no-op there unless --overwrite"
+                if manifest else f"{config.output} (no committed run)")
+        busy = Lease(config.output, "validate").busy()  # transient: said, not a failed check
+        return said + (f"; busy now, score would exit {EXIT_BUSY}: {busy}" if busy else "")
 
     def thresholds() -> str:
         # The same call as `score` makes before Ray (pipeline.score): unknown labels, values

@@ -122,6 +122,14 @@ class Lease:
         except Exception as e:  # noqa: BLE001 - a lease left behind goes stale; never mask the run's outcome
             log.warning("could not release the lease %s: %s", self.uri, e)
 
+    def busy(self) -> str | None:
+        """Why a run could not take this lease now (another live run holds it), or None.
+        Reads only (`batchscore validate`)."""
+        holder = self.read()
+        if holder is None or self._stale_reason(holder) is not None:
+            return None
+        return self._busy_message(holder)
+
     def read(self) -> dict | None:
         try:
             if hasattr(self.fs, "invalidate_cache"):

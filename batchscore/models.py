@@ -569,8 +569,11 @@ def preprocess_spec(path: Path) -> PreprocessSpec:
             does not implement (padding, a resize that is not height × width or a shortest
             edge, resample 4 or 5, no fixed output size).
     """
-    raw = json.loads((path / "preprocessor_config.json").read_text())
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    def read(name: str) -> bytes:
+        return (path / name).read_bytes()
+
+    raw = _json(str(path), str(path), "preprocessor_config.json", read)
+    config = _json(str(path), str(path), "config.json", read) if (path / "config.json").is_file() else {}
     return _preprocess_from(raw, config.get("model_type"), f"{path}/preprocessor_config.json")
 
 
@@ -596,7 +599,10 @@ def _preprocess_from(raw: dict, model_type: str | None, where: str) -> Preproces
     crop = None
     if proc.do_center_crop:
         c = proc.crop_size
-        if not (c and c.get("height") and c.get("width")):
+        if c is None:
+            raise ModelError(f"{where}: do_center_crop is true but there is no crop_size ({proc.cls} has no default "
+                             "one); expected crop_size as an int or {\"height\": …, \"width\": …}")
+        if not (c.get("height") and c.get("width")):
             raise ModelError(f"{where}: crop_size {c} is not implemented; expected height and width")
         crop = (int(c["height"]), int(c["width"]))
     for key, needed in (("rescale_factor", proc.do_rescale), ("image_mean", proc.do_normalize),

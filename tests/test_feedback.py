@@ -405,3 +405,21 @@ def test_ctrl_c_is_one_line_and_exit_130(caplog):
         "interrupted: nothing committed; the parts staged so far stay for --resume"]
     assert all(r.exc_info is None for r in caplog.records)
     assert "130 interrupted (Ctrl-C)" in cli.EXIT_HELP
+
+
+def test_validate_says_when_another_run_holds_the_output(tmp_path, capsys):
+    """A live run's lease on the output: validate passes (the job is fine) but says that
+    `score` would exit 5 now; once the lease is released it says nothing of it."""
+    from batchscore.lease import Lease
+
+    out = tmp_path / "out"
+    args = ["validate", "--input", str(SAMPLES / "digit-0000.png"), "--output", str(out)]
+    lease = Lease(str(out), "run-elsewhere").acquire()
+    try:
+        assert cli.main(args) == cli.EXIT_OK
+        err = capsys.readouterr().err
+        assert "busy now, score would exit 5: output" in err and "run run-elsewhere" in err
+    finally:
+        lease.release()
+    assert cli.main(args) == cli.EXIT_OK
+    assert "busy now" not in capsys.readouterr().err

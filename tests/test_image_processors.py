@@ -142,7 +142,7 @@ def test_every_class_is_the_one_transformers_maps_its_model_type_to():
     ({"image_processor_type": "ViTImageProcessor", "size": {"h": 224}}, "size: expected an int"),
     ({"image_processor_type": "ViTImageProcessor", "resample": "bicubic"}, "resample must be one of PIL's integer"),
     ({"image_processor_type": "ViTImageProcessor", "image_mean": [0.5, 0.5]}, "image_mean: expected three numbers"),
-    ({"image_processor_type": "ViTImageProcessor", "do_center_crop": True}, "crop_size None is not implemented"),
+    ({"image_processor_type": "ViTImageProcessor", "do_center_crop": True}, "do_center_crop is true but there is no crop_size (ViTImageProcessor has no default one)"),
     ({"image_processor_type": "ViTImageProcessor", "resample": 5}, "resample=5 is not implemented"),
     ({"image_processor_type": "ViTImageProcessor", "size": 224, "default_to_square": None}, "no fixed input size"),
     ({"image_processor_type": "ViTImageProcessor", "image_std": [0, 0, 0]}, "every image_std must be > 0"),
