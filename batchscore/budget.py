@@ -13,6 +13,7 @@ import collections
 import json
 
 from batchscore.output import ERRORS
+from batchscore.progress import option
 
 EXAMPLES = 20
 
@@ -54,9 +55,8 @@ class ErrorBudget:
         where = write(ERRORS, json.dumps(summary, indent=2))
         total = self.expected if aborted_early else self.rows
         codes = ", ".join(f"{k}={v}" for k, v in self.by_code.most_common())
-        from batchscore.progress import option  # in the caller's terms: --max-error-fraction or max_error_fraction=
-
+        limit = option("max_error_fraction", f"{self.max_fraction:g}")  # --max-error-fraction 0.1 on the CLI
         return ErrorBudgetExceeded(
-            f"{self.errors} error rows ({codes}) of {total} exceed {option('max_error_fraction', f'{self.max_fraction:g}')}"
+            f"{self.errors} error rows ({codes}) of {total} exceed {limit}"
             f"{' (stopped early: the budget could no longer be met)' if aborted_early else ''}; "
             f"nothing was committed; summary and examples in {where}")

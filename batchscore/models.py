@@ -614,10 +614,10 @@ def _preprocess_from(raw: dict, model_type: str | None, where: str) -> Preproces
         raise ModelError(f"{where}: rescale_factor must be > 0 (usually 1/255), got {proc.rescale_factor}")
     if proc.do_normalize and not all(v > 0 for v in proc.image_std):
         raise ModelError(f"{where}: every image_std must be > 0, got {list(proc.image_std)}")
-    for name, hw in (("size", size), ("shortest_edge", (shortest, shortest) if shortest else None), ("crop_size", crop)):
-        if hw and not all(0 < v <= MAX_INPUT_SIDE for v in hw):
-            raise ModelError(f"{where}: {name} {list(hw) if name != 'shortest_edge' else shortest} is out of range; "
-                             f"expected sides of 1 to {MAX_INPUT_SIDE} pixels")
+    for name, sides in (("size", size), ("shortest_edge", shortest and [shortest]), ("crop_size", crop)):
+        if sides and not all(0 < v <= MAX_INPUT_SIDE for v in sides):
+            raise ModelError(f"{where}: {name} {list(sides)} is out of range; expected sides of 1 to "
+                             f"{MAX_INPUT_SIDE} pixels")
     if proc.resample not in _TORCHVISION_INTERPOLATION:
         raise ModelError(f"{where}: resample={proc.resample} is not implemented; expected 0 (nearest), 1 (lanczos), "
                          "2 (bilinear) or 3 (bicubic)")
