@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import types
@@ -42,7 +43,7 @@ EXIT_HELP = """exit status:
   4  the run failed (infrastructure, output, rows not matching inputs); nothing committed
   5  another run holds the output's lease; nothing written, retry later
   6  inspect, report: the output (or the --baseline named) holds no committed run
-  15 stopped by SIGTERM (Ray's handler in the driver); nothing committed, staged parts kept
+  15 stopped by SIGTERM; nothing committed, staged parts kept for --resume
   130 interrupted (Ctrl-C); nothing committed, staged parts kept for --resume
 
 Local relative paths in flags are relative to the working directory; in a --config job file,
@@ -206,7 +207,9 @@ def _guarded(command, args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 - every failure ends as a message and an exit code
             code = _exit_code(e)
-            log.error("%s: %s", type(e).__name__, e, exc_info=code == EXIT_FAILED)
+            # Ray's exceptions carry its terminal colours; a log gets none (docs/operations.md)
+            text = str(e) if sys.stderr.isatty() else re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+            log.error("%s: %s", type(e).__name__, text, exc_info=code == EXIT_FAILED)
             return code
         if result is not None:
             _out(json.dumps(dataclasses.asdict(result), indent=2) if getattr(args, "json", False)
@@ -226,7 +229,7 @@ def _keep_stdout_for_results() -> None:
     """Results to the real stdout (a duplicate of its descriptor); descriptor 1, and with it
     whatever Ray or a library writes to stdout, to stderr."""
     global _results
-    if _results is not None:
+    if _results is not None or sys.stdout is None:  # None: started with stdout closed (`>&-`)
         return
     sys.stdout.flush()
     _results = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding=sys.stdout.encoding, errors="replace")
@@ -234,12 +237,15 @@ def _keep_stdout_for_results() -> None:
 
 
 def _stdout():
+    """The results' stream; None when the process was started with stdout closed (`>&-`)."""
     return _results if _results is not None else sys.stdout
 
 
 def _out(text: str) -> None:
     """Prints a result to stdout; a reader that went away (`batchscore ... | head -1`) ends
     the output quietly instead of with a BrokenPipeError traceback."""
+    if _stdout() is None:
+        return
     try:
         print(text, file=_stdout(), flush=True)
     except BrokenPipeError:
@@ -247,6 +253,8 @@ def _out(text: str) -> None:
 
 
 def _flush_stdout() -> None:
+    if _stdout() is None:
+        return
     try:
         _stdout().flush()
     except BrokenPipeError:
@@ -391,11 +399,14 @@ def entry() -> None:
     2 cores of freeing a Ray driver's objects one by one, after everything was written)."""
     global _separate_results
     _separate_results = True
+    # SIGTERM: exit 15 whenever it comes, as Ray's own handler does once Ray has started (a
+    # SystemExit, so the lease is released on the way out)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signal.SIGTERM))
     code = main()
     try:
         ray = sys.modules.get("ray")  # imported only by the commands that start it
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+        if ray is not None:
+            ray.shutdown()  # also the processes of a Ray whose start was interrupted (Ctrl-C)
     finally:
         logging.shutdown()
         _flush_stdout()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,15 +185,16 @@ def check(ref: str | None, allow_pickle: bool = False, model_arch: str | None = 
 _BASE_MODEL_PREFIX = {"vit": "vit", "deit": "deit", "beit": "beit"}
 
 
-def _check_weight_names(files: CheckpointFiles, keys: set[str]) -> None:
-    """The safetensors tensor names against config.json: a classifier's head is there, and the
-    base model's tensors are of the model type config.json names. Otherwise transformers would
-    build the missing parts at random, which the model actor refuses, but only after Ray
-    started (exit 4, tens of seconds later).
+def _check_weight_names(files: CheckpointFiles, keys: dict[str, tuple[int, ...] | None]) -> None:
+    """The safetensors tensors (name → shape) against config.json: a classifier's head is there
+    with one row per label, and the base model's tensors are of the model type config.json
+    names. Otherwise transformers would build the missing parts at random (or fail on the
+    shapes), which the model actor refuses, but only after Ray started (exit 4, tens of
+    seconds later).
 
     Raises:
-        ModelError: the weights lack the classification head config.json names, or are
-            another model type's.
+        ModelError: the weights lack the classification head config.json names, have another
+            number of classes than its id2label, or are another model type's.
     """
     where = f"{files.where}/{files.weights}"
     prefix = _BASE_MODEL_PREFIX.get(files.model_type)
@@ -201,11 +203,17 @@ def _check_weight_names(files: CheckpointFiles, keys: set[str]) -> None:
         raise ModelError(f"model {files.ref!r}: config.json says model_type {files.model_type!r}, but the tensors "
                          f"in {where} are named for {others[0]!r} ({others[0]}.…, expected {prefix}.…): the "
                          "config and the weights are of different models")
-    if files.has_head and not any(k.split(".")[-2].endswith("classifier") for k in keys if k.count(".") >= 1):
+    heads = {k: shape for k, shape in keys.items() if k.count(".") >= 1 and k.split(".")[-2].endswith("classifier")}
+    if files.has_head and not heads:
         raise ModelError(f"model {files.ref!r}: config.json names a classification head ({len(files.labels)} labels), "
-                         f"but {where} holds no classifier tensor (e.g. classifier.weight): these are a headless "
-                         "model's weights. For embeddings, give them a config.json whose architectures is the "
-                         "headless model (e.g. ViTModel) and score with --task embed")
+                         f"but {where} holds no classifier tensor (e.g. classifier.weight): a headless model's "
+                         "weights, or another library's names. For embeddings of a headless model, give it a "
+                         "config.json whose architectures is that model (e.g. ViTModel) and score with --task embed")
+    for name, shape in heads.items():
+        if files.has_head and name.endswith(".weight") and shape and shape[0] != len(files.labels):
+            raise ModelError(f"model {files.ref!r}: config.json's id2label names {len(files.labels)} classes, but "
+                             f"{name} in {where} has {shape[0]} rows: the labels and the weights are of different "
+                             "checkpoints")
 
 
 def _check_npz(ref: str | None, path: Path, model_arch: str | None = None) -> tuple[CheckpointFiles, dict]:
@@ -260,7 +268,7 @@ def resolve(ref: str | None, allow_pickle: bool = False, model_arch: str | None 
     if files.layout == "timm":
         return _resolve_timm(files, path, cache_key)
     config = json.loads((path / "config.json").read_text())
-    keys = _weight_names(path, files.weights) if files.weights_format == "safetensors" else set()
+    keys = _weight_names(path, files.weights) if files.weights_format == "safetensors" else {}
     if keys:
         _check_weight_names(files, keys)  # done by `check` for local folders; here for fetched ones too
     hidden = int(config.get("hidden_size") or 0)
@@ -325,13 +333,32 @@ def _resolve_npz(ref: str | None, path: Path, cache_key: str | None, model_arch:
     )
 
 
-def _weight_names(path: Path, weights: str) -> set[str]:
-    """The tensor names of a safetensors checkpoint, from the file headers (or the shard index)."""
+def _weight_names(path: Path, weights: str) -> dict[str, tuple[int, ...] | None]:
+    """The tensors of a safetensors checkpoint, name → shape, from the file's header (a
+    sharded one: names from its index, shapes None).
+
+    Raises:
+        ModelError: the file is not safetensors (a git-lfs pointer, empty, cut short).
+    """
+    file = path / weights
     if weights.endswith(".index.json"):
-        return set(json.loads((path / weights).read_text()).get("weight_map", {}))
-    with open(path / weights, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return set(json.loads(f.read(n))) - {"__metadata__"}
+        return dict.fromkeys(json.loads(file.read_text()).get("weight_map", {}))
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            if n < 0:
+                raise ValueError(f"{size} bytes, fewer than a safetensors header's 8")
+            if not 0 < n <= min(size - 8, 100 * 2**20):
+                raise ValueError(f"it declares a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+            return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        except (ValueError, KeyError, TypeError) as e:
+            f.seek(0)
+            lfs = f.read(40).startswith(b"version https://git-lfs")
+            raise ModelError(f"{file}: not a safetensors file ({e})" + (
+                "; it is a git-lfs pointer: fetch the weights with `git lfs pull`" if lfs else "")) from None
 
 
 @dataclass(frozen=True)
@@ -609,6 +636,11 @@ def _preprocess_from(raw: dict, model_type: str | None, where: str) -> Preproces
                         ("image_std", proc.do_normalize), ("resample", proc.do_resize)):
         if needed and getattr(proc, key) is None:
             raise ModelError(f"{where}: {key} is null; expected a value (or the key left out, for the default)")
+    for key, needed in (("rescale_factor", proc.do_rescale), ("image_mean", proc.do_normalize),
+                        ("image_std", proc.do_normalize)):
+        values = getattr(proc, key)
+        if needed and not all(math.isfinite(v) for v in (values if isinstance(values, tuple) else [values])):
+            raise ModelError(f"{where}: {key} {values} is not finite; expected finite numbers")
     # values that would make every row wrong (a zero std: inf and NaN; a zero factor: one constant input)
     if proc.do_rescale and not proc.rescale_factor > 0:
         raise ModelError(f"{where}: rescale_factor must be > 0 (usually 1/255), got {proc.rescale_factor}")

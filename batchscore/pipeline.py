@@ -274,7 +274,11 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
     timings["total_seconds"] = time.monotonic() - started
     manifest = _manifest(config, model, run, timings, started_at, resumed=staged is not None, attempt=attempt)
     commit(staging, [p["name"] for p in run.parts], manifest, check=lease.check)
-    report.after_commit(config)  # issue 18: _report.html beside the manifest (a failure only logs)
+    try:
+        report.after_commit(config)  # issue 18: _report.html beside the manifest (a failure only logs)
+    except KeyboardInterrupt:  # the run is committed: say so, not "interrupted, nothing committed"
+        log.warning("interrupted while writing %s: the run is committed; `batchscore report %s` writes it",
+                    output.REPORT, config.output)
     return _result_from_manifest(manifest, config.output, "committed")
 
 

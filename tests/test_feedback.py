@@ -423,3 +423,29 @@ def test_validate_says_when_another_run_holds_the_output(tmp_path, capsys):
         lease.release()
     assert cli.main(args) == cli.EXIT_OK
     assert "busy now" not in capsys.readouterr().err
+
+
+def test_a_closed_stdout_is_not_a_crash(tmp_path):
+    """`batchscore validate ... >&-` (stdout closed): the checks run and say so on stderr,
+    exit 0, no traceback."""
+    proc = subprocess.run(f"{sys.executable} -m batchscore.cli validate --input {SAMPLES / 'digit-0000.png'} "
+                          f"--output {tmp_path / 'out'} >&-", shell=True, capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "validate: ok: every check before Ray passed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_after_the_commit_keeps_the_committed_result(tmp_path, ray_session, monkeypatch, caplog):
+    """Interrupted while the report is written, the run is already committed: score() says so
+    and returns it (the CLI exits 0), instead of "interrupted: nothing committed"."""
+    from batchscore import pipeline, report
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "after_commit", interrupted)
+    with caplog.at_level("WARNING", logger="batchscore"):
+        result = pipeline.score(ScoreConfig(input=(str(SAMPLES / "digit-0000.png"),), output=str(tmp_path / "out"),
+                                            batch_size=8))
+    assert result.status == "committed" and (tmp_path / "out" / "_SUCCESS").exists()
+    assert any("interrupted while writing _report.html: the run is committed" in r.getMessage() for r in caplog.records)

@@ -178,7 +178,7 @@ def test_weights_of_another_model_are_refused_before_ray(tmp_path):
                                     intermediate_size=37, image_size=224, patch_size=16), add_pooling_layer=False)
     base.save_pretrained(tmp_path / "base")
     shutil.copy(tmp_path / "base" / "model.safetensors", headless / "model.safetensors")
-    with pytest.raises(ModelError, match="holds no classifier tensor .e.g. classifier.weight.: these are a headless"):
+    with pytest.raises(ModelError, match="holds no classifier tensor .e.g. classifier.weight.: a headless model's"):
         models.check(str(headless))
     with pytest.raises(ModelError, match="holds no classifier tensor"):
         models.resolve(str(headless))
@@ -190,3 +190,24 @@ def test_weights_of_another_model_are_refused_before_ray(tmp_path):
     with pytest.raises(ModelError, match="model_type 'deit', but the tensors in .* are named for 'vit'"):
         models.check(str(wrong_type))
     assert models.check(str(vit)).has_head  # the matching pair passes
+
+    relabelled = tmp_path / "relabelled"  # id2label edited: 5 names for a head of 7 rows
+    shutil.copytree(vit, relabelled)
+    (relabelled / "config.json").write_text(json.dumps({**config, "id2label": {str(i): f"c{i}" for i in range(5)},
+                                                        "label2id": {f"c{i}": i for i in range(5)}}))
+    with pytest.raises(ModelError, match="id2label names 5 classes, but classifier.weight in .* has 7 rows"):
+        models.check(str(relabelled))
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 343000000\n", "git lfs pull"),
+    (b"", "0 bytes, fewer than a safetensors header's 8"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ", "declares a header of 16 bytes in a file of 14"),
+])
+def test_a_file_that_is_not_safetensors_is_a_model_error(tmp_path, content, says):
+    """A git-lfs pointer (a Hub repo cloned without git lfs), an empty or a cut file: exit 2
+    from `check` with what the file is, not a MemoryError or JSONDecodeError (exit 4)."""
+    ckpt = make_checkpoint("vit", tmp_path / "ckpt")
+    (ckpt / "model.safetensors").write_bytes(content)
+    with pytest.raises(ModelError, match=f"model.safetensors: not a safetensors file.*{says}"):
+        models.check(str(ckpt))
