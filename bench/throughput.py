@@ -296,8 +296,16 @@ def run_variant(argv: list[str]) -> None:
 
 # -- the bench ----------------------------------------------------------------------------
 
+def parts_rows(count: int, rows_per_file: int | None) -> int:
+    """Rows per part file of the batchscore variant: the flag, else a tenth of the images (at
+    least 32), so its steady rate spans nine parts instead of the last of one or two (with
+    the 2,000-row default a 3,000-image run has two parts: its "steady" rate was the last
+    1,000 images only)."""
+    return rows_per_file or max(32, count // 10)
+
+
 def bench(kind: str, count: int, work: Path, batch_sizes: list[int], dtype: str, variants: list[str],
-          forward_seconds: float | None = None) -> dict:
+          forward_seconds: float | None = None, rows_per_file: int | None = None) -> dict:
     model = make_checkpoint(kind, work / f"ckpt-{kind}")
     images = make_images(work / f"images-{count}", count)
     files = sorted(str(p) for p in images.glob("*.jpg"))
@@ -319,7 +327,8 @@ def bench(kind: str, count: int, work: Path, batch_sizes: list[int], dtype: str,
                         "--dtype", dtype, "--out", str(out) + ".parquet"]
         else:
             cmd = [sys.executable, "-m", "batchscore.cli", "score", "--input", str(images), "--output", str(out),
-                   "--model", str(model), "--overwrite", "--json", "--dtype", dtype]
+                   "--model", str(model), "--overwrite", "--json", "--dtype", dtype,
+                   "--rows-per-file", str(parts_rows(count, rows_per_file))]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         r = run_measured(cmd, env)
         if name == "forward":
@@ -381,6 +390,8 @@ def main() -> None:
                         help="seconds forward-only runs at each batch size (default: 10, or 0.02 s per image)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on a CPU with native bf16), bfloat16 or float32")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--rows-per-file", type=int,
+                        help="batchscore's part size (default: a tenth of the images, at least 32: see parts_rows)")
     parser.add_argument("--tiny", action="store_true", help="the 2-layer test model only (a smoke run)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "batchscore-bench")
     parser.add_argument("--json", type=Path, help="also write every figure here")
@@ -393,7 +404,7 @@ def main() -> None:
     for kind in models:
         for count in args.counts:
             results[(kind, count)] = bench(kind, count, args.work, args.batch_sizes, args.dtype, args.variants,
-                                           args.forward_seconds)
+                                           args.forward_seconds, args.rows_per_file)
     print()
     print(report(results, args.variants))
     if args.json:
