@@ -634,12 +634,12 @@ def _preprocess_from(raw: dict, model_type: str | None, where: str) -> Preproces
         crop = (int(c["height"]), int(c["width"]))
     for key, needed in (("rescale_factor", proc.do_rescale), ("image_mean", proc.do_normalize),
                         ("image_std", proc.do_normalize), ("resample", proc.do_resize)):
-        if needed and getattr(proc, key) is None:
-            raise ModelError(f"{where}: {key} is null; expected a value (or the key left out, for the default)")
-    for key, needed in (("rescale_factor", proc.do_rescale), ("image_mean", proc.do_normalize),
-                        ("image_std", proc.do_normalize)):
         values = getattr(proc, key)
-        if needed and not all(math.isfinite(v) for v in (values if isinstance(values, tuple) else [values])):
+        if not needed:
+            continue
+        if values is None:
+            raise ModelError(f"{where}: {key} is null; expected a value (or the key left out, for the default)")
+        if not all(math.isfinite(v) for v in (values if isinstance(values, tuple) else [values])):
             raise ModelError(f"{where}: {key} {values} is not finite; expected finite numbers")
     # values that would make every row wrong (a zero std: inf and NaN; a zero factor: one constant input)
     if proc.do_rescale and not proc.rescale_factor > 0:
