@@ -31,7 +31,7 @@ from batchscore.config import ScoreConfig
 from batchscore.lease import Lease
 from batchscore.result import RunResult
 from batchscore.run import Run
-from batchscore.runtime import WRITE_CPUS, actor_resources, ensure_ray
+from batchscore.runtime import WRITE_CPUS, WRITE_RUNTIME_ENV, actor_resources, ensure_ray
 from batchscore.staging import Staging
 
 log = logging.getLogger("batchscore")
@@ -91,9 +91,10 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.
         runtime_env=resources.runtime_env() or None,
     )
     # write: tasks that each write one part file of `rows_per_file` rows into the run's
-    # staging folder and return its statistics; the rows never reach the driver.
+    # staging folder and return its statistics; the rows never reach the driver. In workers of
+    # their own (WRITE_RUNTIME_ENV), so the few that decode are the only ones importing torch.
     ds = ds.map_batches(write.write_part, fn_kwargs={"spec": part}, batch_size=rows_per_file(config, resources.gpus),
-                        batch_format="pyarrow", num_cpus=WRITE_CPUS)
+                        batch_format="pyarrow", num_cpus=WRITE_CPUS, runtime_env=WRITE_RUNTIME_ENV)
     # A bounded object store: without it Ray Data lets decode run ahead into half the store
     # (GBs), and with a slow model a run's memory grew with its image count (ViT-B/16 on
     # 2 cores: +600 MiB PSS from 300 to 3,000 images, docs/benchmarks.md). Set on this

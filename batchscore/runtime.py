@@ -211,6 +211,13 @@ def _environ(values: dict[str, str]):
 # CPUs of each write task (batchscore.write): short, mostly waiting on storage. Small, so a
 # write is never held back by the decode tasks and the model actors that fill a node.
 WRITE_CPUS = 0.05
+# Each write task's runtime env: only a marker (merged by Ray into the job's runtime env). Ray
+# runs a task only in a worker started with the task's runtime env, so the write tasks get
+# worker processes of their own, and the read/decode tasks keep theirs. Without it a write task
+# took whichever worker was idle, the next decode task the other one, and on 2 cores two
+# workers each imported torch for decode's resize (~3 CPU-s and ~450 MiB PSS each):
+# docs/benchmarks.md, "Write tasks in workers of their own".
+WRITE_RUNTIME_ENV = {"env_vars": {"BATCHSCORE_STAGE": "write"}}
 
 
 @dataclass(frozen=True)

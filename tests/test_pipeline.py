@@ -110,6 +110,40 @@ def test_commit_markers_are_written_after_the_data(mixed_run):
     assert len(written["inputs_sha256"]) == 64 and len(written["model"]["weights_sha256"]) == 64
 
 
+
+def ray_workers_of_this_process() -> list[int]:
+    """PIDs of the worker processes of the local Ray this test process started (children of
+    its raylet, which is a child of this process)."""
+    def children(pid: int) -> list[int]:
+        found = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return found
+
+    raylets = [c for c in children(os.getpid()) if b"raylet" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert raylets, "no raylet started by this test process"
+    return [w for r in raylets for w in children(r)]
+
+
+def test_write_tasks_run_in_workers_of_their_own(mixed_run):
+    """The write tasks carry a runtime env of their own (runtime.WRITE_RUNTIME_ENV), so Ray
+    runs them only in workers started for it, never in the workers that decode: those import
+    torch for the resize, the writers do not (on 2 cores a write task used to take the idle
+    decode worker, so two workers imported torch: docs/benchmarks.md)."""
+    marker = "".join(f"{k}={v}" for k, v in runtime.WRITE_RUNTIME_ENV["env_vars"].items()).encode()
+    writers, others = [], []
+    for pid in ray_workers_of_this_process():
+        try:
+            environ, maps = Path(f"/proc/{pid}/environ").read_bytes(), Path(f"/proc/{pid}/maps").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        (writers if marker in environ.split(b"\0") else others).append((pid, "libtorch" in maps))
+    assert len(mixed_run.files) >= 2 and writers, f"no worker with {marker!r}: write tasks ran in shared workers"
+    assert not any(torch for _, torch in writers), f"a write worker imported torch: {writers}"
+    assert any(torch for _, torch in others)  # the control: decode and the model actor did
 def test_rerun_on_committed_output_is_a_noop_and_overwrite_replaces(ray_session, mixed_run, mixed_inputs,
                                                                     checkpoints):
     folder, _ = mixed_inputs
