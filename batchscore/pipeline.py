@@ -91,10 +91,13 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.
         runtime_env=resources.runtime_env() or None,
     )
     # write: tasks that each write one part file of `rows_per_file` rows into the run's
-    # staging folder and return its statistics; the rows never reach the driver. In workers of
-    # their own (WRITE_RUNTIME_ENV), so the few that decode are the only ones importing torch.
-    ds = ds.map_batches(write.write_part, fn_kwargs={"spec": part}, batch_size=rows_per_file(config, resources.gpus),
-                        batch_format="pyarrow", num_cpus=WRITE_CPUS, runtime_env=WRITE_RUNTIME_ENV)
+    # staging folder and return its statistics; the rows never reach the driver. With more than
+    # one part, in workers of their own (WRITE_RUNTIME_ENV), so the few that decode are the only
+    # ones importing torch; a run of one part has one write task, which takes an idle worker
+    # (a worker of its own would cost its start, ~0.5 s of a 10-image run on 2 cores).
+    per_file = rows_per_file(config, resources.gpus)
+    ds = ds.map_batches(write.write_part, fn_kwargs={"spec": part}, batch_size=per_file, batch_format="pyarrow",
+                        num_cpus=WRITE_CPUS, runtime_env=WRITE_RUNTIME_ENV if inputs.count > per_file else None)
     # A bounded object store: without it Ray Data lets decode run ahead into half the store
     # (GBs), and with a slow model a run's memory grew with its image count (ViT-B/16 on
     # 2 cores: +600 MiB PSS from 300 to 3,000 images, docs/benchmarks.md). Set on this
@@ -193,11 +196,15 @@ def score(config: ScoreConfig) -> RunResult:
     lease = Lease(config.output, attempt).acquire()
     try:
         # Ray starts (or connects) while the model is resolved (its weights hashed: ~1 s for a
-        # ViT-B/16; no transformers, no torch): both mostly wait, on processes and on the disk.
+        # ViT-B/16; no transformers, no torch) and Ray Data imported: Ray's start mostly waits
+        # on the processes it starts, the hashing on the disk.
         def resolve():
             begun = time.monotonic()
             model = models.resolve(config.model, allow_pickle=config.allow_pickle, model_arch=config.model_arch)
-            return model, time.monotonic() - begun
+            seconds = time.monotonic() - begun
+            import ray.data  # noqa: F401  (its ~0.35 s of imports while Ray starts, not after)
+
+            return model, seconds
 
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
             resolving = pool.submit(resolve)
