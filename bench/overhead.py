@@ -26,9 +26,13 @@ that exits between two reads loses at most that much), grouped as the driver, th
 actor, other Ray workers (read/decode), Ray's own processes (GCS, raylet, its agents, log
 monitor, and dashboard and autoscaler monitor when they run) and Ray Data's actors
 (`_StatsActor`, autoscaling coordinator, actor-location tracker), the driver's CPU per 1,000
-images while scoring and its peak RSS (VmHWM). Batchscore's driver is "scoring" from its
-`first rows` log line to its last `progress:` line (from its first Ray worker to its exit
-when it logs neither); the loop's from after the model is loaded to the file written.
+images while scoring and its peak RSS (VmHWM). Batchscore's driver is "scoring" for the
+manifest's `scoring_seconds` up to its last `progress:` line: from the dataset's start (Ray
+Data's plan, the model actor's start, ~1 CPU-s of the driver's that do not grow with the
+images) to the last rows in (from its first Ray worker to its exit when it logs no progress);
+the loop's from after the model is loaded to the file written. With two or more counts it also
+prints the driver's CPU per 1,000 more images between the first and the last count, which
+leaves that fixed part out.
 
 With --ray-footprint it measures the local Ray batchscore starts instead (runtime.py's
 `start_local_ray`): Ray as it starts itself (`lean=False`, how batchscore started it before)
@@ -410,9 +414,9 @@ def bench(count: int, work: Path, model: Path, dtype: str, batch_size: int) -> d
     r["steady_images_per_second"] = timings.get("steady_images_per_second") or timings["images_per_second"]
     r["steady_from"] = "steady_images_per_second" if timings.get("steady_images_per_second") else "images_per_second"
     r["manifest_timings"] = timings
-    # The driver while scoring: the manifest's scoring_seconds (listing done to last row in)
-    # up to its last `progress:` line, which it logs when the last rows are in; without that
-    # line, from its first Ray worker to its exit.
+    # The driver while scoring: the manifest's scoring_seconds (the dataset's start to the
+    # last row in) up to its last `progress:` line, which it logs when the last rows are in;
+    # without that line, from its first Ray worker to its exit.
     sampler = run["sampler"]
     last = run["marks"]["progress:"]
     if last and timings.get("scoring_seconds"):
