@@ -96,8 +96,9 @@ def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.
     # ones importing torch; a run of one part has one write task, which takes an idle worker
     # (a worker of its own would cost its start, ~0.5 s of a 10-image run on 2 cores).
     per_file = rows_per_file(config, resources.gpus)
+    one_part = inputs.known_rows is not None and inputs.known_rows <= per_file  # None: containers of unknown size
     ds = ds.map_batches(write.write_part, fn_kwargs={"spec": part}, batch_size=per_file, batch_format="pyarrow",
-                        num_cpus=WRITE_CPUS, runtime_env=WRITE_RUNTIME_ENV if inputs.count > per_file else None)
+                        num_cpus=WRITE_CPUS, runtime_env=None if one_part else WRITE_RUNTIME_ENV)
     # A bounded object store: without it Ray Data lets decode run ahead into half the store
     # (GBs), and with a slow model a run's memory grew with its image count (ViT-B/16 on
     # 2 cores: +600 MiB PSS from 300 to 3,000 images, docs/benchmarks.md). Set on this
