@@ -88,8 +88,8 @@ class ScoreConfig:
         gpus_per_actor: GPUs per inference actor (fractional allowed); None = 1 when the
             cluster has GPUs, else 0.
         cpus_per_actor: CPUs per inference actor, which also sets its torch threads; None =
-            1 with a GPU, else the cluster's CPUs left after one decode task, split over
-            the largest pool.
+            1 with a GPU, else the CPUs of the cluster's largest node left after one decode
+            and one write task, split over the largest pool (at least 1).
         decode_cpus: CPUs per read/decode task. Must differ from the actor's CPUs so Ray
             does not fuse decode into the model actor.
         decode_batch_size: Images per read/decode task call.

@@ -285,7 +285,8 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
     commit(staging, [p["name"] for p in run.parts], manifest, check=lease.check)
     try:
         report.after_commit(config)  # issue 18: _report.html beside the manifest (a failure only logs)
-    except KeyboardInterrupt:  # the run is committed: say so, not "interrupted, nothing committed"
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI's handler exits 15): the run is
+        # committed, so say so and return it, not "stopped, nothing committed"
         log.warning("interrupted while writing %s: the run is committed; `batchscore report %s` writes it",
                     output.REPORT, config.output)
     return _result_from_manifest(manifest, config.output, "committed")

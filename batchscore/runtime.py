@@ -220,6 +220,11 @@ WRITE_CPUS = 0.05
 WRITE_RUNTIME_ENV = {"env_vars": {"BATCHSCORE_STAGE": "write"}}
 
 
+def largest_node_cpus() -> float:
+    """CPUs of the alive node of the Ray cluster that has the most (0 when none has any)."""
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
 @dataclass(frozen=True)
 class ActorResources:
     cpus: float
@@ -252,13 +257,20 @@ def actor_resources(config: ScoreConfig) -> ActorResources:
         raise ConfigError(f"device=cuda needs gpus_per_actor > 0; the cluster has {cluster.get('GPU', 0):g} GPUs")
     if gpus > 0 and not has_gpu:
         raise ConfigError(f"gpus_per_actor={gpus:g}, but the Ray cluster has no GPU")
+    # An actor lives on one node: sized from the cluster's total, it asked a cluster of a 1- and
+    # a 2-CPU node for 2.45 CPUs, and the run waited forever.
+    node_cpus = largest_node_cpus()
     if config.cpus_per_actor is not None:
         cpus = config.cpus_per_actor
+        if cpus > node_cpus:
+            log.warning("cpus_per_actor=%g, but no node of the Ray cluster has that many CPUs now (the largest: %g): "
+                        "the inference actors wait until such a node joins (an autoscaler's)", cpus, node_cpus)
     elif gpus > 0:
         cpus = 1.0
     else:
-        # CPU inference: the model takes what one decode and one write task leave, split over the pool.
-        cpus = max(1.0, (cluster.get("CPU", 1.0) - config.decode_cpus - WRITE_CPUS) / config.actors[1])
+        # CPU inference: the model takes what one decode and one write task leave on the largest
+        # node, split over the pool.
+        cpus = max(1.0, (node_cpus - config.decode_cpus - WRITE_CPUS) / config.actors[1])
     if cpus == config.decode_cpus:
         raise ConfigError(
             f"cpus_per_actor ({cpus:g}) must differ from decode_cpus ({config.decode_cpus:g}): "

@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from batchscore import pipeline
+from batchscore import pipeline, runtime
 from batchscore.config import ScoreConfig
 from batchscore.runtime import loopback_only
 
@@ -49,6 +49,8 @@ def main(inputs: str, output: str, checkpoint: str, result_json: str) -> None:
     ray.init(address=cluster.address)
     head = ray.get_runtime_context().get_node_id()
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    # The default actor size on this cluster (4 CPUs, none on one node beyond 2): what one node holds.
+    default_actor_cpus = runtime.actor_resources(ScoreConfig(input=(inputs,), output=output, model=checkpoint)).cpus
     try:
         config = ScoreConfig(input=(inputs,), output=output, model=checkpoint, dtype="fp32", top_k=3, batch_size=8,
                              actors=(2, 2), cpus_per_actor=1.5, decode_cpus=0.5, decode_batch_size=8, rows_per_file=8)
@@ -89,6 +91,7 @@ def main(inputs: str, output: str, checkpoint: str, result_json: str) -> None:
             "part_nodes": None if result is None else sorted({f["node"] for f in json.loads(
                 Path(result.manifest_uri).read_text())["files"]} - {None}),
             "head": head, "scoring_nodes": [n["NodeID"] for n in ray.nodes() if n["NodeID"] != head],
+            "default_actor_cpus": default_actor_cpus,
         }))
     finally:
         ray.shutdown()

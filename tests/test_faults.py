@@ -16,7 +16,7 @@ import pytest
 from conftest import small_photos
 from test_resume import assert_same_rows
 
-from batchscore import pipeline
+from batchscore import pipeline, runtime
 from batchscore.config import ScoreConfig
 
 HERE = Path(__file__).parent
@@ -102,6 +102,9 @@ def test_removed_worker_node_costs_nothing(inputs, checkpoints, tmp_path):
     # Workers write the parts: every committed part was written on a scoring node, not the head.
     assert got["parts"] >= 2 and got["part_nodes"] and set(got["part_nodes"]) <= set(got["scoring_nodes"])
     assert got["head"] not in got["part_nodes"]
+    # Sized by default, an actor fits one node: the 2 CPUs a node has less decode's and a write's
+    # (from the cluster's 4 CPUs it asked for 3.45, and waited forever).
+    assert got["default_actor_cpus"] == 2 - ScoreConfig().decode_cpus - runtime.WRITE_CPUS
 
 
 def test_killed_driver_leaves_no_success_and_resume_completes_the_same_rows(ray_session, reference, tmp_path):

@@ -435,13 +435,15 @@ def test_a_closed_stdout_is_not_a_crash(tmp_path):
     assert "validate: ok: every check before Ray passed" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_ctrl_c_after_the_commit_keeps_the_committed_result(tmp_path, ray_session, monkeypatch, caplog):
-    """Interrupted while the report is written, the run is already committed: score() says so
-    and returns it (the CLI exits 0), instead of "interrupted: nothing committed"."""
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit(15)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_after_the_commit_keeps_the_committed_result(tmp_path, ray_session, monkeypatch, caplog, stop):
+    """Interrupted while the report is written (Ctrl-C, or SIGTERM: the CLI's handler raises
+    SystemExit(15)), the run is already committed: score() says so and returns it (the CLI
+    exits 0), instead of "stopped: nothing committed"."""
     from batchscore import pipeline, report
 
     def interrupted(config):
-        raise KeyboardInterrupt
+        raise stop
 
     monkeypatch.setattr(report, "after_commit", interrupted)
     with caplog.at_level("WARNING", logger="batchscore"):
