@@ -264,7 +264,9 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
         parts = build_dataset(config, model, inputs, todo, part).iter_batches(
             batch_format="pyarrow", batch_size=None, prefetch_batches=0)
         report.prepare()  # its imports while the workers score, not after the commit
-        with run.lease.held():  # renewed from a thread: one part may take minutes to come
+        # The lease renewed and a progress line every progress_seconds, both from threads: one
+        # part may take minutes to come.
+        with run.lease.held(), run.progress.ticking():
             for batch in parts:
                 for stats in batch.column("part").to_pylist():
                     run.add(json.loads(stats))

@@ -17,6 +17,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,44 @@ def test_the_final_progress_line_is_logged_once(caplog):
     assert finals == ["progress: 30/30 images (100.0%), 0 errors in 8.0s, 3.8 images/s"], lines
     assert lines == ["progress: 10/30 images (33.3%), 0 errors, eta ?",
                      "progress: 20/30 images (66.7%), 0 errors, 10.0 images/s, eta 1s", finals[0]]
+
+
+def test_a_line_comes_while_a_part_is_awaited(caplog):
+    """Rows are counted as parts come, minutes apart on a CPU: `tick` (a thread calls it every
+    progress_seconds) repeats the line with how long the run has waited, and stays quiet when
+    a line was logged lately or all rows are in."""
+    caplog.set_level(logging.INFO, logger="batchscore")
+    clock = FakeClock()
+    p = Progress(total=100, every_seconds=10, clock=clock)
+    clock.now = 9.0
+    p.tick()
+    assert progress_lines(caplog) == []  # not yet every_seconds
+    clock.now = 10.0
+    p.tick()
+    clock.now = 12.0
+    p.update(50, 0)  # 2 s after the last line: counted, not logged
+    clock.now = 19.0
+    p.tick()
+    clock.now = 47.0
+    p.tick()
+    clock.now = 60.0
+    p.update(50, 0)
+    clock.now = 90.0
+    p.tick()
+    assert progress_lines(caplog) == ["progress: 0/100 images (0.0%), 0 errors, eta ? (first part: 10s so far)",
+                                      "progress: 50/100 images (50.0%), 0 errors, eta ? (next part: 35s so far)"]
+
+
+def test_ticking_logs_from_a_thread_until_the_block_ends(caplog):
+    caplog.set_level(logging.INFO, logger="batchscore")
+    p = Progress(total=10, every_seconds=0.05)
+    deadline = time.monotonic() + 30
+    with p.ticking():
+        while not progress_lines(caplog):
+            assert time.monotonic() < deadline, "no line from the progress thread"
+            time.sleep(0.01)
+    assert progress_lines(caplog)[0].startswith("progress: 0/10 images (0.0%), 0 errors, eta ? (first part: ")
+    assert not any(t.name == "batchscore-progress" for t in threading.enumerate())
 
 
 def test_unknown_total_has_no_eta(caplog):
