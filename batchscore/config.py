@@ -89,7 +89,8 @@ class ScoreConfig:
             cluster has GPUs, else 0.
         cpus_per_actor: CPUs per inference actor, which also sets its torch threads; None =
             1 with a GPU, else the CPUs of the cluster's largest node left after one decode
-            and one write task, split over the largest pool (at least 1).
+            and one write task, split over the largest pool (1 while no node has CPUs). On a
+            local Ray, sizes that fit no node or leave decode no CPU are refused.
         decode_cpus: CPUs per read/decode task. Must differ from the actor's CPUs so Ray
             does not fuse decode into the model actor.
         decode_batch_size: Images per read/decode task call.

@@ -31,7 +31,8 @@ from batchscore.config import ScoreConfig
 from batchscore.lease import Lease
 from batchscore.result import RunResult
 from batchscore.run import Run
-from batchscore.runtime import WRITE_CPUS, WRITE_RUNTIME_ENV, actor_resources, ensure_ray
+from batchscore.runtime import (WRITE_CPUS, WRITE_RUNTIME_ENV, ActorResources, actor_resources, ensure_ray,
+                                sigterm_kept)
 from batchscore.staging import Staging
 
 log = logging.getLogger("batchscore")
@@ -41,13 +42,14 @@ log = logging.getLogger("batchscore")
 FILES_PER_BLOCK = 256
 
 
-def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, todo, part: write.PartSpec
-                  ) -> ray.data.Dataset:
+def build_dataset(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, todo, part: write.PartSpec,
+                  resources: ActorResources | None = None) -> ray.data.Dataset:
     """The Ray Data plan: rows of {part} (one part file's statistics as JSON) per part written.
 
     `inputs` is the run's listing, written to its staging folder (`Listing.write`); `todo` a
-    bool per input still to score (None: all)."""
-    resources = actor_resources(config)
+    bool per input still to score (None: all); `resources` the inference actors' (None: sized
+    here, `actor_resources`)."""
+    resources = resources or actor_resources(config)
     batch = model_batch(config, resources.gpus)
     # read + decode: plain functions in CPU tasks. Same remote args, so Ray fuses them into one
     # task (bytes stay in the task); different ones from predict, so decode never runs inside
@@ -123,9 +125,9 @@ def model_batch(config: ScoreConfig, gpus: float) -> int:
     return max(predict.batch_candidates(config.batch_size, on_gpu=gpus > 0, gpu_memory_gib=memory))
 
 
-def task_bounds(config: ScoreConfig, inputs: listing.Listing) -> list[int]:
+def task_bounds(config: ScoreConfig, inputs: listing.Listing, resources: ActorResources | None = None) -> list[int]:
     """Listing indexes where read tasks start and end (`read.task_bounds`)."""
-    batch = max(model_batch(config, actor_resources(config).gpus), 8)
+    batch = max(model_batch(config, (resources or actor_resources(config)).gpus), 8)
     return read.task_bounds(inputs.count, inputs.kind != "file", batch,
                             files_per_block(inputs.count, batch, config.actors[1]))
 
@@ -207,7 +209,8 @@ def score(config: ScoreConfig) -> RunResult:
 
             return model, seconds
 
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
+        # SIGTERM waits while Ray starts (`sigterm_kept`), also in the thread that resolves.
+        with sigterm_kept(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
             resolving = pool.submit(resolve)
             ensure_ray()
             model, timings["model_seconds"] = resolving.result()
@@ -241,6 +244,7 @@ def _prepare(config: ScoreConfig):
 def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, attempt: str, lease: Lease,
          timings: dict[str, float], started: float, started_at: str) -> RunResult:
     """Stages (or resumes), scores, checks and commits, holding the output's lease."""
+    resources = actor_resources(config)  # sizes that fit no node are a bad job: raised before anything is staged
     fingerprint = resume.fingerprint(config, model.weights_sha256)
     staged = resume.latest(config.output, fingerprint, inputs) if config.resume else None
     if config.resume and not staged:
@@ -250,7 +254,7 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
                       info=None if staged else {"run_id": run_id, "started_at": started_at, "fingerprint": fingerprint,
                                                 "inputs": inputs.count, "inputs_ids_sha256": inputs.ids_sha256})
     # The listing goes to the staging folder, one row group per read task; the driver drops it.
-    inputs.write(staging.fs, staging.listing_dir, task_bounds(config, inputs))
+    inputs.write(staging.fs, staging.listing_dir, task_bounds(config, inputs, resources))
     run = Run(run_id, inputs, staging, lease, config.max_error_fraction, config.progress_seconds)
     todo = resume.adopt(staged, run) if staged else None
 
@@ -261,7 +265,7 @@ def _run(config: ScoreConfig, model: models.ModelInfo, inputs: listing.Listing, 
                               containers=run.containers, task=task.task, embed_dim=task.dim, embed_dtype=task.dtype,
                               evaluate=evaluation.spec_for(config, model.labels, model.multi_label))  # issue 18
         # prefetch_batches=0: each part's record is counted as soon as it is written.
-        parts = build_dataset(config, model, inputs, todo, part).iter_batches(
+        parts = build_dataset(config, model, inputs, todo, part, resources).iter_batches(
             batch_format="pyarrow", batch_size=None, prefetch_batches=0)
         report.prepare()  # its imports while the workers score, not after the commit
         # The lease renewed and a progress line every progress_seconds, both from threads: one

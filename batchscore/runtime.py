@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -21,11 +22,12 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     quiet_ray_logs()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        # A private local Ray on loopback, with only the processes a local run needs.
-        start_local_ray()
+    with sigterm_kept():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            # A private local Ray on loopback, with only the processes a local run needs.
+            start_local_ray()
     ctx = ray.data.DataContext.get_current()
     # Ray's bars redraw in place; in a log (non-TTY) batchscore's own progress lines stand
     # instead, and a Python caller's tqdm bar (batchscore.progress) replaces them.
@@ -34,6 +36,28 @@ def ensure_ray() -> None:
     ctx.enable_progress_bars = sys.stderr.isatty() and not bar_shown()
     log.info("expected: Ray's 'E ... core_worker.cc: ... has constructor arguments in the object store' line, once "
              "per run: Ray Data keeps its actors' arguments there while a run lasts (docs/operations.md)")
+
+
+@contextlib.contextmanager
+def sigterm_kept():
+    """SIGTERM handled by Python while Ray starts and after: Ray's core worker installs a C++
+    handler for it while it connects (it prints a stack and crashed the driver with SIGSEGV
+    when SIGTERM came then, or within ~0.3 s after `ray.init`); the Python handler in place
+    before (the CLI's exit 15, or Ray's own `sys.exit`) is installed again as soon as `ray.init`
+    returns. While Ray starts, SIGTERM waits (blocked in this thread, and in the threads it
+    starts meanwhile, Ray's among them: enter it before starting any), then comes to it.
+    Only from the main thread (the only one Python handles signals in); it may be nested."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not None:  # None: not installed from Python, left as it is
+            signal.signal(signal.SIGTERM, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # Ray's log lines that say nothing about a batchscore run: (logger, start of the message).
@@ -132,11 +156,12 @@ def start_local_ray(*, lean: bool = True, **kwargs) -> None:
               **(LEAN_SYSTEM_CONFIG if lean else {}), **kwargs.pop("_system_config", {})}
     if lean:
         kwargs["include_dashboard"] = False
-    global _WORKERS_ENV_GCS
+    global _WORKERS_ENV_GCS, _STARTED_GCS
     workers_env = {} if "OMP_WAIT_POLICY" in os.environ else WORKER_ENV  # the user's own setting wins
     with _without_head_extras(lean), _environ({**(LEAN_AGENT_ENV if lean else {}), **workers_env}):
         ray.init(address="local", _node_ip_address="127.0.0.1", _system_config=system, **kwargs)
-    _WORKERS_ENV_GCS = ray.get_runtime_context().gcs_address if workers_env and ray.is_initialized() else None
+    _STARTED_GCS = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    _WORKERS_ENV_GCS = _STARTED_GCS if workers_env else None
 
 
 # What every worker of a local Ray started here inherits (from the raylet, which inherits it
@@ -146,6 +171,12 @@ def start_local_ray(*, lean: bool = True, **kwargs) -> None:
 # set up through the runtime env agent (about 1 s sooner on 2 cores, idle; more when busy).
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 _WORKERS_ENV_GCS: str | None = None  # the local Ray started here with WORKER_ENV (its GCS address)
+_STARTED_GCS: str | None = None  # the local Ray started here (its GCS address)
+
+
+def started_here() -> bool:
+    """Whether the Ray this process is connected to is a local one `start_local_ray` started."""
+    return _STARTED_GCS is not None and ray.is_initialized() and ray.get_runtime_context().gcs_address == _STARTED_GCS
 
 
 def _workers_have_worker_env() -> bool:
@@ -246,7 +277,20 @@ class ActorResources:
 
 
 def actor_resources(config: ScoreConfig) -> ActorResources:
-    """CPUs and GPUs for each inference actor, from the config or the cluster's size."""
+    """CPUs and GPUs for each inference actor, from the config or the cluster's nodes.
+
+    Unset, a CPU actor takes what one decode and one write task leave on the cluster's largest
+    node (an actor lives on one node), split over the largest pool; fractions are fine (torch
+    threads = ceil). With no CPU node yet (an autoscaler's cluster before it adds one): 1.
+
+    Raises:
+        ConfigError: GPUs asked for that the cluster lacks; the actor's CPUs equal decode's (Ray
+            would fuse decode into the actor); or, on a local Ray started by batchscore, actors
+            that fit no node or leave no CPU for decode (the run would wait forever; on a
+            cluster an autoscaler may add nodes, so a warning says it).
+    """
+    from batchscore.progress import option  # the caller's terms: --cpus-per-actor or cpus_per_actor=
+
     cluster = ray.cluster_resources()
     has_gpu = cluster.get("GPU", 0) > 0
     if config.gpus_per_actor is not None:
@@ -257,23 +301,34 @@ def actor_resources(config: ScoreConfig) -> ActorResources:
         raise ConfigError(f"device=cuda needs gpus_per_actor > 0; the cluster has {cluster.get('GPU', 0):g} GPUs")
     if gpus > 0 and not has_gpu:
         raise ConfigError(f"gpus_per_actor={gpus:g}, but the Ray cluster has no GPU")
-    # An actor lives on one node: sized from the cluster's total, it asked a cluster of a 1- and
-    # a 2-CPU node for 2.45 CPUs, and the run waited forever.
-    node_cpus = largest_node_cpus()
+    node_cpus, total_cpus = largest_node_cpus(), cluster.get("CPU", 0.0)
+    spare = config.decode_cpus + WRITE_CPUS  # one decode and one write task beside the actors
     if config.cpus_per_actor is not None:
         cpus = config.cpus_per_actor
-        if cpus > node_cpus:
-            log.warning("cpus_per_actor=%g, but no node of the Ray cluster has that many CPUs now (the largest: %g): "
-                        "the inference actors wait until such a node joins (an autoscaler's)", cpus, node_cpus)
-    elif gpus > 0:
+    elif gpus > 0 or node_cpus == 0:
         cpus = 1.0
     else:
-        # CPU inference: the model takes what one decode and one write task leave on the largest
-        # node, split over the pool.
-        cpus = max(1.0, (node_cpus - config.decode_cpus - WRITE_CPUS) / config.actors[1])
+        # Sized from the cluster's total, a 1- and a 2-CPU node were asked for 2.45 CPUs; with a
+        # floor of 1 CPU, a 1-CPU node or two actors on 2 CPUs left decode nothing: both waited
+        # forever.
+        cpus = round((node_cpus - spare) / config.actors[1], 2)
+        if cpus <= 0:
+            raise ConfigError(f"the Ray cluster's largest node has {node_cpus:g} CPUs: too few for an inference actor "
+                              f"beside a decode task ({option('decode_cpus', f'{config.decode_cpus:g}')})")
+        if cpus == config.decode_cpus:
+            cpus = round(cpus - 0.01, 2)  # must differ (below), or Ray fuses decode into the actor
     if cpus == config.decode_cpus:
         raise ConfigError(
-            f"cpus_per_actor ({cpus:g}) must differ from decode_cpus ({config.decode_cpus:g}): "
+            f"{option('cpus_per_actor')} ({cpus:g}) must differ from {option('decode_cpus')} ({config.decode_cpus:g}): "
             "with equal resources Ray fuses decode into the model actor and runs it serially there"
         )
+    if node_cpus > 0 and (cpus > node_cpus or config.actors[0] * cpus + spare > total_cpus + 1e-9):
+        problem = (f"the inference actors ({config.actors[0]} × {cpus:g} CPUs) "
+                   + (f"fit no node of the Ray cluster (the largest has {node_cpus:g} CPUs)" if cpus > node_cpus else
+                      f"leave no CPU for decode tasks ({config.decode_cpus:g} each) on the cluster's "
+                      f"{total_cpus:g} CPUs"))
+        fix = f"lower {option('cpus_per_actor')} or {option('actors')}, or {option('decode_cpus')}"
+        if started_here():
+            raise ConfigError(f"{problem}: the run would wait forever; {fix}")
+        log.warning("%s: the run waits until an autoscaler adds nodes, else forever; %s", problem, fix)
     return ActorResources(cpus=cpus, gpus=gpus)

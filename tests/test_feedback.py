@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -451,3 +452,29 @@ def test_ctrl_c_after_the_commit_keeps_the_committed_result(tmp_path, ray_sessio
                                             batch_size=8))
     assert result.status == "committed" and (tmp_path / "out" / "_SUCCESS").exists()
     assert any("interrupted while writing _report.html: the run is committed" in r.getMessage() for r in caplog.records)
+
+
+def test_sigterm_waits_while_ray_starts_then_exits_15(tmp_path):
+    """`runtime.sigterm_kept`, round `ray.init`: a SIGTERM that comes meanwhile waits (blocked
+    in the main thread and in the threads started then, as Ray's are), and the Python handler
+    is installed again at the C level afterwards. Ray's core worker installs a C++ handler while
+    it connects (a SIGTERM then crashed the CLI with SIGSEGV, rc 139); here a C-level SIG_IGN
+    installed behind Python's back stands for it: without the reinstall the SIGTERM would be
+    ignored and the script would print "survived"."""
+    script = tmp_path / "kept.py"
+    script.write_text(textwrap.dedent("""
+        import ctypes, os, signal, sys, threading
+        from batchscore import runtime
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(15))
+        masks = []
+        with runtime.sigterm_kept():
+            ctypes.CDLL(None).signal(signal.SIGTERM, ctypes.c_void_p(1))  # SIG_IGN, as a C library would
+            t = threading.Thread(target=lambda: masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+            t.start(); t.join()
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("waited", signal.SIGTERM in masks[0], flush=True)
+        print("survived", flush=True)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 15, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.split() == ["waited", "True"], proc.stdout

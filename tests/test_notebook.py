@@ -60,6 +60,19 @@ def test_eta_uses_the_recent_rate_not_the_start_up():
     assert p.line() == "progress: 30/100 images (30.0%), 1 errors, 10.0 images/s, eta 7s"
 
 
+def test_parts_that_come_together_give_no_rate():
+    clock = FakeClock()
+    p = Progress(total=360, every_seconds=10, clock=clock)
+    clock.now = 9.0
+    p.update(100, 0)
+    clock.now = 9.004  # the next part 4 ms later: 25,000 images/s is noise, not a rate
+    p.update(28, 0)
+    assert p.recent_rate is None and p.line() == "progress: 128/360 images (35.6%), 0 errors, eta ?"
+    clock.now = 11.0
+    p.update(100, 0)
+    assert p.line() == "progress: 228/360 images (63.3%), 0 errors, 64.0 images/s, eta 2s"
+
+
 def test_eta_follows_the_pace_of_the_last_minute():
     clock = FakeClock()
     p = Progress(total=5000, every_seconds=10, clock=clock)

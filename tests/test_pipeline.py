@@ -271,6 +271,25 @@ def test_equal_decode_and_actor_cpus_are_refused(ray_session):
         runtime.actor_resources(ScoreConfig(cpus_per_actor=0.5, decode_cpus=0.5))
 
 
+def test_actors_sized_to_leave_decode_a_cpu(ray_session, monkeypatch, caplog):
+    """On the session's local Ray (one node, 2 CPUs): a pool of two shares what decode and a
+    write leave (a floor of 1 CPU each took both CPUs, and decode waited forever); sizes that
+    fit no node or starve decode are a bad job here, and a warning on a cluster (an autoscaler
+    may add nodes)."""
+    spare = ScoreConfig().decode_cpus + runtime.WRITE_CPUS
+    pair = runtime.actor_resources(ScoreConfig(actors=(2, 2)))
+    assert 0 < pair.cpus < 1 and 2 * pair.cpus + spare <= 2
+    assert runtime.actor_resources(ScoreConfig(decode_cpus=1.0)).cpus == pytest.approx(2 - 1.0 - runtime.WRITE_CPUS)
+    with pytest.raises(ConfigError, match=r"leave no CPU for decode tasks \(0.5 each\) on the cluster's 2 CPUs"):
+        runtime.actor_resources(ScoreConfig(cpus_per_actor=2))
+    with pytest.raises(ConfigError, match=r"fit no node of the Ray cluster \(the largest has 2 CPUs\)"):
+        runtime.actor_resources(ScoreConfig(cpus_per_actor=3))
+    monkeypatch.setattr(runtime, "_STARTED_GCS", None)  # a cluster started elsewhere
+    with caplog.at_level("WARNING", logger="batchscore.runtime"):
+        assert runtime.actor_resources(ScoreConfig(cpus_per_actor=3)).cpus == 3
+    assert any("waits until an autoscaler adds nodes" in r.getMessage() for r in caplog.records)
+
+
 def test_actor_gets_the_cpus_left_by_decode(ray_session, monkeypatch):
     res = runtime.actor_resources(ScoreConfig())
     assert (res.cpus, res.gpus) == (2 - 0.5 - runtime.WRITE_CPUS, 0.0)  # 2 CPUs in the test cluster, 0.5 for decode
@@ -295,7 +314,7 @@ def test_nothing_is_committed_when_rows_go_missing(ray_session, tmp_path, photos
     """If a stage ever dropped rows, the run must fail instead of committing partial output:
     here the rows of two inputs never reach the (real) write stage."""
 
-    def losing_dataset(config, model, inputs, todo, part):
+    def losing_dataset(config, model, inputs, todo, part, resources=None):
         rows = [{"id": e.id, "labels": ["can"], "probs": [0.9], "error": None, "error_code": None,
                  "meta": json.dumps({"source": e.id, "index": i, "passthrough": {}})}
                 for i, e in list(enumerate(inputs.entries()))[:-2]]
