@@ -110,7 +110,6 @@ def test_commit_markers_are_written_after_the_data(mixed_run):
     assert len(written["inputs_sha256"]) == 64 and len(written["model"]["weights_sha256"]) == 64
 
 
-
 def ray_workers_of_this_process() -> list[int]:
     """PIDs of the worker processes of the local Ray this test process started (children of
     its raylet, which is a child of this process)."""
@@ -143,7 +142,9 @@ def test_write_tasks_run_in_workers_of_their_own(mixed_run):
         (writers if marker in environ.split(b"\0") else others).append((pid, "libtorch" in maps))
     assert len(mixed_run.files) >= 2 and writers, f"no worker with {marker!r}: write tasks ran in shared workers"
     assert not any(torch for _, torch in writers), f"a write worker imported torch: {writers}"
-    assert any(torch for _, torch in others)  # the control: decode and the model actor did
+    assert any(torch for _, torch in others)  # the control: the decode worker did (and the actor, while it ran)
+
+
 def test_rerun_on_committed_output_is_a_noop_and_overwrite_replaces(ray_session, mixed_run, mixed_inputs,
                                                                     checkpoints):
     folder, _ = mixed_inputs
