@@ -20,11 +20,11 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 
 from batchscore import fs as fsutil
 from batchscore.output import SinkError
+from batchscore.repeating import repeating
 
 LEASE = "_staging/_lease"  # inside _staging/: a killed run leaves nothing else behind
 TTL_SECONDS = 600.0
@@ -84,24 +84,18 @@ class Lease:
         Raises:
             OutputBusy: (on leaving the block) the lease was lost meanwhile.
         """
-        stop = threading.Event()
         self.lost = None
 
-        def beat() -> None:
-            while not stop.wait(self.ttl / 4):
-                try:
-                    self.renew(every_seconds=0)
-                except Exception as e:  # noqa: BLE001 - raised in the driver's thread below
-                    self.lost = e
-                    return
+        def beat() -> bool:
+            try:
+                self.renew(every_seconds=0)
+            except Exception as e:  # noqa: BLE001 - raised in the driver's thread below
+                self.lost = e
+                return False
+            return True
 
-        thread = threading.Thread(target=beat, name="batchscore-lease", daemon=True)
-        thread.start()
-        try:
+        with repeating(self.ttl / 4, beat, "batchscore-lease"):
             yield self
-        finally:
-            stop.set()
-            thread.join()
         if self.lost is not None:
             raise self.lost
 

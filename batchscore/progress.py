@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from batchscore.repeating import repeating
+
 log = logging.getLogger("batchscore")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -117,19 +119,8 @@ class Progress:
     @contextlib.contextmanager
     def ticking(self) -> Iterator[Progress]:
         """`tick` from a thread every `every_seconds` while the block runs."""
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(self.every):
-                self.tick()
-
-        thread = threading.Thread(target=beat, name="batchscore-progress", daemon=True)
-        thread.start()
-        try:
+        with repeating(self.every, self.tick, "batchscore-progress"):
             yield self
-        finally:
-            stop.set()
-            thread.join()
 
     def _sample(self, now: float) -> None:
         self._samples.append((now - self.start, self.done))
