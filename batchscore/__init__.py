@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchscore.config import ConfigError, ScoreConfig
+from batchscore.config import ScoreConfig
+from batchscore.exceptions import ConfigError
+from batchscore.progress import python_caller
 from batchscore.result import RunResult
 
 __all__ = ["ConfigError", "RunResult", "ScoreConfig", "backfill", "nightly", "score"]
@@ -26,8 +28,7 @@ def score(config: ScoreConfig | str | None = None, **overrides: Any) -> RunResul
         config: A `ScoreConfig`, a path to a YAML job file, or None for defaults.
         **overrides: Settings that replace the config's (e.g. `input=[...]`, `top_k=3`).
     """
-    from batchscore import pipeline
-    from batchscore.progress import python_caller
+    from batchscore import pipeline  # lazy: Ray and the stages; `import batchscore` stays light
 
     if config is None:
         config = ScoreConfig()
@@ -40,8 +41,7 @@ def score(config: ScoreConfig | str | None = None, **overrides: Any) -> RunResul
 def nightly(config: ScoreConfig | str, date=None, **overrides: Any) -> RunResult:
     """Scores one date partition of a job whose input and output hold `{date}` (default:
     yesterday, UTC); a committed partition is a no-op, a failed one resumes."""
-    from batchscore import schedule
-    from batchscore.progress import python_caller
+    from batchscore import schedule  # lazy: it imports the pipeline (Ray); `import batchscore` stays light
 
     with python_caller():
         return schedule.nightly(_config(config).with_overrides(**overrides), date)
@@ -50,8 +50,7 @@ def nightly(config: ScoreConfig | str, date=None, **overrides: Any) -> RunResult
 def backfill(config: ScoreConfig | str, dates, parallel: int = 1, **overrides: Any):
     """Scores each date as its own committed partition (see `batchscore.schedule.backfill`);
     returns a pandas DataFrame of partition, status, rows, errors, seconds, output, error."""
-    from batchscore import schedule
-    from batchscore.progress import python_caller
+    from batchscore import schedule  # lazy: as in `nightly`
 
     with python_caller():
         return schedule.backfill(_config(config).with_overrides(**overrides), dates, parallel=parallel)

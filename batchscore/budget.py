@@ -12,14 +12,11 @@ from __future__ import annotations
 import collections
 import json
 
+from batchscore.exceptions import ErrorBudgetExceeded
 from batchscore.output import ERRORS
 from batchscore.progress import option
 
 EXAMPLES = 20
-
-
-class ErrorBudgetExceeded(RuntimeError):
-    """The run had more error rows than its budget allows; nothing was committed."""
 
 
 class ErrorBudget:

@@ -23,14 +23,11 @@ import tempfile
 from pathlib import Path
 
 from batchscore import fs as fsutil
+from batchscore.exceptions import CacheError
 
 log = logging.getLogger(__name__)
 
 WANTED = ("config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json")
-
-
-class CacheError(ValueError):
-    """A remote checkpoint is missing, incomplete, or changed while a run was using it."""
 
 
 def cache_root() -> Path:

@@ -26,15 +26,13 @@ import types
 import typing
 from typing import Any
 
-from batchscore.config import ConfigError, ScoreConfig, field_names
-
-EXIT_OK = 0
-EXIT_BAD_JOB = 2  # bad config, inputs or checkpoint: fix the job, do not retry as is
-EXIT_BUDGET = 3  # more error rows than max_error_fraction allows; nothing was committed
-EXIT_FAILED = 4  # the run failed (infrastructure, output); nothing was committed
-EXIT_BUSY = 5  # another run holds the output's lease; nothing was written, retry later
-EXIT_NOT_COMMITTED = 6  # inspect: the output holds no committed run (nothing to report yet)
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it; nothing committed, staged parts kept
+from batchscore import demo, output, plan, report
+from batchscore.config import ScoreConfig, field_names
+# The command's exit codes, defined beside the exceptions that end in them (`exit_code`).
+from batchscore.exceptions import (EXIT_BAD_JOB, EXIT_BUDGET, EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED,  # noqa: F401
+                                   EXIT_NOT_COMMITTED, EXIT_OK, BatchscoreError)
+from batchscore.lease import Lease
+from batchscore.progress import LOG_FORMAT, cli_terms
 
 EXIT_HELP = """exit status:
   0  committed, or already committed (validate: every check passed; inspect: reported)
@@ -60,25 +58,19 @@ def main(argv: list[str] | None = None) -> int:
 
         def command():
             if args.command == "inspect":
-                from batchscore import report
-
                 found = report.inspect_output(args.output, baseline=args.baseline)
                 _out(json.dumps(found, indent=2) if args.json else report.format_report(found))
                 return None
-            if args.command == "report":  # issue 18: the HTML report
-                from batchscore import report
-
+            if args.command == "report":  # the HTML report
                 _out(report.write_report(args.output, args.baseline, path=args.out))
                 return None
             config = config_from_args(args)
             if args.command == "validate":
                 return validate(config)
             if args.command == "demo":
-                from batchscore import demo
-
                 _out(demo.run(config).summary())
                 return None
-            from batchscore import pipeline
+            from batchscore import pipeline  # lazy: Ray Data's stages, for score only
 
             return pipeline.score(config)
 
@@ -88,95 +80,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate(config: ScoreConfig) -> None:
-    """`batchscore validate`: the checks `score` makes before it starts Ray, without Ray or
-    transformers: input and output set, the inputs listed (count by format), the checkpoint's
-    files (name, labels, weights), top_k against its classes, the thresholds file and the
-    label source against the checkpoint's labels (issue 18), that a `baseline` holds a
-    committed run, whether the output is already committed. Each check runs even when
-    another failed (those that need the checkpoint's labels only once it was read). What was checked goes to stderr as
-    `validate: ` lines; on success the resolved config goes to stdout as JSON (the contents
-    of a valid job file). Raises the first failure, as `score` would have."""
-    from batchscore import drift, evaluation, listing, models, output, postprocess
-
+    """`batchscore validate`: the checks `score` makes before it starts Ray (`plan.preflight`,
+    the same code), without Ray or transformers: the checkpoint's files (name, labels,
+    weights), the inputs listed (count by format), the staged run with --resume, the task and
+    top_k against its classes, the thresholds file and the label source against its labels,
+    that a `baseline` holds a committed run; then whether the output is already committed or
+    busy. Every check runs even when another failed (those that need the checkpoint only once
+    it was read). What was checked goes to stderr as `validate: ` lines; on success the
+    resolved config goes to stdout as JSON (the contents of a valid job file). Raises the
+    first failure, as `score` would have."""
     started = time.monotonic()
-    config.require_io()
-    said, failed = [], []
-    checkpoint: list = []  # the checked checkpoint, once `model` passed
-
-    def checking(what: str, check) -> None:
-        try:
-            said.append(f"{what}: {check()}")
-        except (ConfigError, listing.ListingError, models.ModelError) as e:
-            said.append(f"{what}: FAILED: {e}")
-            failed.append(e)
-
-    def inputs() -> str:
-        templated = [i for i in config.input if "{date}" in i]
-        if templated:
-            return f"{templated} hold {{date}}: listed per date by jobs/nightly.py and jobs/backfill.py, not here"
-        listed = listing.listed(config)
-        fmt = listed.format
-        unit = {"files": "image file(s)", "manifest": "image URI(s) from manifest(s)", "tar": "tar shard(s)",
-                "parquet": "Parquet file(s)", "azureml": "Azure ML request file(s)"}.get(fmt, "input(s)")
-        rows = listed.known_rows if fmt == "parquet" else None
-        return f"{listed.count} {unit}, format {fmt}" + (f", {rows} rows" if rows is not None else "")
-
-    def model() -> str:
-        checked = models.check(config.model, allow_pickle=config.allow_pickle, model_arch=config.model_arch)
-        checkpoint.append(checked)
-        task = models.task_for(config.task, checked)  # issue 17: classify, embed or both
-        top_k, note = models.top_k_used(config.top_k, checked.labels)
-        if task == "embed":
-            return f"{checked.summary()}; task embed"
-        return (f"{checked.summary()}; task {task}, top_k {top_k} label(s) per row"
-                + (f" (warning: {note})" if note else ""))
-
-    def committed() -> str:
-        if "{date}" in config.output:
-            return f"{config.output} holds {{date}}: one output per date"
-        from batchscore.lease import Lease
-
-        manifest = output.read_manifest(config.output)
-        said = (f"{config.output} holds committed run {manifest['run_id']}; score is a no-op there unless --overwrite"
-                if manifest else f"{config.output} (no committed run)")
-        busy = Lease(config.output, "validate").busy()  # transient: said, not a failed check
-        return said + (f"; busy now, score would exit {EXIT_BUSY}: {busy}" if busy else "")
-
-    def thresholds() -> str:
-        # The same call as `score` makes before Ray (pipeline.score): unknown labels, values
-        # outside [0, 1], a thresholds file for a single-label (softmax) checkpoint.
-        t = postprocess.run_thresholds(config, checkpoint[0].labels, checkpoint[0].multi_label)
-        if t is None:
-            return f"none (single-label checkpoint: softmax, top_k labels per row; threshold {config.threshold} unused)"
-        return (f"default {t.default}" + (f", {len(t.per_label)} per-label from {t.file}" if t.per_label or t.file
-                                          else ""))
-
-    def label_source() -> str:
-        spec = evaluation.spec_for(config, checkpoint[0].labels, checkpoint[0].multi_label)  # as `score` does
-        kind = "multi-label" if spec.multi_label else "single-label"
-        if spec.source == "file":
-            return f"{spec.labels_file}: {len(spec.mapping)} labelled id(s), {kind} evaluation"
-        return f"{spec.source}" + (f" (column {spec.column})" if spec.column else "") + f", {kind} evaluation"
-
-    def baseline() -> str:
-        run_id = drift.check_baseline(config)
-        if run_id is None:
-            return f"{config.baseline} holds {{date}}: checked per date"
-        return f"{config.baseline} holds committed run {run_id}"
-
-    checking("inputs", inputs)
-    checking("model", model)
-    for name, check, wanted in (("thresholds", thresholds, config.thresholds or config.threshold != 0.5),
-                                ("label source", label_source, config.label_source)):
-        if not wanted:
-            continue
-        if checkpoint:
-            checking(name, check)
+    checks = plan.preflight(config, keep_going=True)
+    said = []
+    asked = {"thresholds": bool(config.thresholds or config.threshold != 0.5), "label source": bool(config.label_source),
+             "baseline": bool(config.baseline)}
+    for check in checks.values():
+        if not asked.get(check.name, True):
+            continue  # a default with nothing to say
+        if check.error is not None:
+            said.append(f"{check.name}: FAILED: {check.error}")
+        elif check.skipped:
+            said.append(f"{check.name}: {check.skipped}")
         else:
-            said.append(f"{name}: not checked (the checkpoint could not be read)")
-    if config.baseline:
-        checking("baseline", baseline)
-    said.append(f"output: {committed()}")
+            said.append(f"{check.name}: {_checked(check, config)}")
+    said.append(f"output: {_committed(config)}")
+    failed = [c.error for c in checks.values() if c.error is not None]
     seconds = time.monotonic() - started
     said.append(f"{len(failed)} check(s) FAILED in {seconds:.2f}s" if failed else
                 f"ok: every check before Ray passed in {seconds:.2f}s")
@@ -185,6 +113,51 @@ def validate(config: ScoreConfig) -> None:
     if failed:
         raise failed[0]
     _out(json.dumps(config.to_job(), indent=2))  # a valid job file, wherever it is saved
+
+
+def _checked(check: plan.Check, config: ScoreConfig) -> str:
+    """What a passed preflight check found, in one line."""
+    value = check.value
+    if check.name == "model":
+        return value.summary()
+    if check.name == "inputs":
+        unit = {"files": "image file(s)", "manifest": "image URI(s) from manifest(s)", "tar": "tar shard(s)",
+                "parquet": "Parquet file(s)", "azureml": "Azure ML request file(s)"}.get(value.format, "input(s)")
+        rows = value.known_rows if value.format == "parquet" else None
+        return f"{value.count} {unit}, format {value.format}" + (f", {rows} rows" if rows is not None else "")
+    if check.name == "staged run":
+        return "the staged run (if any) listed the same inputs"
+    if check.name == "task":
+        task, top_k, note = value
+        if task == "embed":
+            return "embed"
+        return f"{task}, top_k {top_k} label(s) per row" + (f" (warning: {note})" if note else "")
+    if check.name == "thresholds":
+        if value is None:
+            return (f"none (single-label checkpoint: softmax, top_k labels per row; threshold {config.threshold} "
+                    "unused)")
+        return f"default {value.default}" + (f", {len(value.per_label)} per-label from {value.file}"
+                                             if value.per_label or value.file else "")
+    if check.name == "label source":
+        kind = "multi-label" if value.multi_label else "single-label"
+        if value.source == "file":
+            return f"{value.labels_file}: {len(value.mapping)} labelled id(s), {kind} evaluation"
+        return f"{value.source}" + (f" (column {value.column})" if value.column else "") + f", {kind} evaluation"
+    if check.name == "baseline":
+        return (f"{config.baseline} holds {{date}}: checked per date" if value is None
+                else f"{config.baseline} holds committed run {value}")
+    return str(value)
+
+
+def _committed(config: ScoreConfig) -> str:
+    """Whether the output already holds a committed run, or another run holds its lease now."""
+    if "{date}" in config.output:
+        return f"{config.output} holds {{date}}: one output per date"
+    manifest = output.read_manifest(config.output)
+    said = (f"{config.output} holds committed run {manifest['run_id']}; score is a no-op there unless --overwrite"
+            if manifest else f"{config.output} (no committed run)")
+    busy = Lease(config.output, "validate").busy()  # transient: said, not a failed check
+    return said + (f"; busy now, score would exit {EXIT_BUSY}: {busy}" if busy else "")
 
 
 def run_command(argv: list[str], action) -> int:
@@ -196,8 +169,6 @@ def run_command(argv: list[str], action) -> int:
 
 def _guarded(command, args: argparse.Namespace) -> int:
     """Runs `command()`; every failure ends as a logged message and an exit code."""
-    from batchscore.progress import LOG_FORMAT, cli_terms
-
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
     with cli_terms():  # messages and summaries say `--overwrite`, not `overwrite=True`
         try:
@@ -273,20 +244,8 @@ def _drop_stdout() -> None:
 
 
 def _exit_code(e: Exception) -> int:
-    from batchscore.budget import ErrorBudgetExceeded
-    from batchscore.lease import OutputBusy
-    from batchscore.listing import ListingError
-    from batchscore.models import ModelError
-    from batchscore.report import NotCommitted
-    from batchscore.resume import ResumeError
-
-    if isinstance(e, (ConfigError, ListingError, ModelError, ResumeError)):
-        return EXIT_BAD_JOB
-    if isinstance(e, OutputBusy):
-        return EXIT_BUSY
-    if isinstance(e, NotCommitted):
-        return EXIT_NOT_COMMITTED
-    return EXIT_BUDGET if isinstance(e, ErrorBudgetExceeded) else EXIT_FAILED
+    """The exit code of a failure: its `exit_code` (`batchscore.exceptions`), else EXIT_FAILED."""
+    return e.exit_code if isinstance(e, BatchscoreError) else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:

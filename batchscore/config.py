@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from batchscore import formats as _formats
+from batchscore.exceptions import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -37,10 +38,6 @@ PASSTHROUGH_FORMATS = ("manifest", "parquet", "tar")
 PATH_KEYS = ("input", "output", "model", "thresholds", "label_source", "baseline")
 # Where ground truth comes from (besides a labels file): each image's parent folder, or a column.
 LABEL_SOURCES = ("folder", "column")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message says which and what was expected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +234,7 @@ class ScoreConfig:
         any working directory; URIs, absolute paths and `~` paths are kept as written.
         `overrides` are not touched: a flag stays relative to the working directory.
         """
-        import yaml
+        import yaml  # lazy: PyYAML only for a job file
 
         path = Path(path)
         try:

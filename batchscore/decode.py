@@ -29,15 +29,22 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import warnings
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchscore import formats as _formats
+from batchscore.checkpoint import PreprocessSpec
 from batchscore.errors import error as _error
-from batchscore.models import PreprocessSpec
+
+try:  # HEIF/HEIC through the pillow-heif plugin (AVIF is built into Pillow >= 11.2)
+    import pillow_heif
+except ImportError:  # then HEIF files are refused as unsupported, saying why
+    pillow_heif = None
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +64,36 @@ _PILLOW_LACKS = re.compile(r"cannot handle 12-bit layers|Unsupported BMP bitfiel
                            r"Unsupported BMP pixel depth \((0|2)\)|Unsupported BMP compression")
 
 
-def _register_plugins() -> None:
-    """HEIF/HEIC through the pillow-heif plugin (AVIF is built into Pillow >= 11.2)."""
-    try:
-        import pillow_heif
-    except ImportError:  # then HEIF files are refused as unsupported, saying why
-        return
+if pillow_heif is not None:
     pillow_heif.register_heif_opener()
-
-
-_register_plugins()
 Image.init()
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the decode tasks need (`batchscore.plan` resolves it once).
+
+    Attributes:
+        preprocess: The checkpoint's resize and crop (`PreprocessSpec`).
+        max_image_pixels: Decompression-bomb guard: larger declared sizes are refused unread.
+        formats: The image formats decoded (Pillow names); others are error rows.
+        nice: Niceness of the decoding threads (0 = normal priority).
+        device: Where JPEGs are decoded: cpu (here, `decode_batch`), or cuda / torchvision
+            (in the inference actor; the CPU tasks run `device_decode.check_batch`).
+        cpus: CPUs each read/decode task holds (read and decode run fused in one task).
+    """
+
+    preprocess: PreprocessSpec
+    max_image_pixels: int = 178_956_970
+    formats: tuple[str, ...] = _formats.DEFAULT_FORMATS
+    nice: int = 0
+    device: str = "cpu"
+    cpus: float = 0.5
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of `decode_batch` and `device_decode.check_batch`."""
+        return {"spec": self.preprocess, "max_image_pixels": self.max_image_pixels, "formats": self.formats,
+                "nice": self.nice}
 
 
 class DecodeError(Exception):
@@ -229,8 +255,6 @@ def load(image: Image.Image) -> None:
 
 
 def _raised_in(e: BaseException, function: str) -> bool:
-    import traceback
-
     return any(frame.name == function for frame in traceback.extract_tb(e.__traceback__))
 
 
@@ -374,7 +398,7 @@ def scale_to_8bit(samples: np.ndarray) -> np.ndarray:
 
 def resize_and_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Resize and centre crop an RGB image as the checkpoint's image processor does."""
-    import torch
+    import torch  # lazy: torch in the decode tasks only; the driver imports this module without it
 
     return resize_and_crop_tensor(torch.from_numpy(np.array(image)).permute(2, 0, 1), spec).contiguous().numpy()
 
@@ -382,6 +406,7 @@ def resize_and_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 def resize_and_crop_tensor(t, spec: PreprocessSpec):
     """`resize_and_crop` on a uint8 [3, H, W] tensor, on whatever device it is (the CPU
     decode path and `batchscore.device_decode` share it, so both crop alike)."""
+    # lazy: torchvision (and torch) in the decode tasks only, not where this module is imported
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
@@ -406,7 +431,7 @@ def resize_target(hw: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
 def _center_crop(t, crop: tuple[int, int], offsets: str = "floor"):
     """transformers' torchvision-backend centre crop: zero-pad when smaller, then int offsets;
     `offsets="round"` rounds them as torchvision's `CenterCrop` does (timm checkpoints)."""
-    from torchvision.transforms.v2 import functional as F
+    from torchvision.transforms.v2 import functional as F  # lazy: as in resize_and_crop_tensor
 
     ch, cw = crop
     h, w = t.shape[-2:]

@@ -25,6 +25,7 @@ Rows keep their order and ids; error rows have the same codes as on the CPU path
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 
@@ -32,8 +33,9 @@ import numpy as np
 
 from batchscore import decode
 from batchscore import formats as _formats
+from batchscore.checkpoint import PreprocessSpec
 from batchscore.errors import error as _error
-from batchscore.models import PreprocessSpec
+from batchscore.exceptions import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,6 @@ def resolve(decode_device: str, gpus: float) -> str:
     if decode_device == "auto":
         return "cuda" if gpus > 0 else "cpu"
     if decode_device == "cuda" and gpus <= 0:
-        from batchscore.config import ConfigError
-
         raise ConfigError("decode_device=cuda needs inference actors with a GPU (gpus_per_actor > 0); "
                           "use decode_device cpu, or torchvision to decode in the actor on its CPU")
     return decode_device
@@ -81,8 +81,6 @@ def check_batch(batch: dict[str, np.ndarray], *, spec: PreprocessSpec, max_image
         `meta` and `decode_seconds` (CPU seconds per row).
     """
     if nice:
-        import sys
-
         if sys.platform == "linux":
             return decode._niced(nice).submit(_check_rows, batch, spec, max_image_pixels, formats).result()
     return _check_rows(batch, spec, max_image_pixels, formats)
@@ -144,7 +142,7 @@ def jpeg_route(data: bytes, max_image_pixels: int, formats: tuple[str, ...]) -> 
 
 def orient(t, orientation: int):
     """Applies an EXIF orientation (1-8) to a [C, H, W] tensor, as `ImageOps.exif_transpose`."""
-    import torch
+    import torch  # lazy: torch in the inference actor only; the CPU tasks import this module without it
 
     if orientation == 2:
         return t.flip(-1)
@@ -189,7 +187,7 @@ class DeviceDecoder:
 
     def __init__(self, spec: PreprocessSpec, device, max_image_pixels: int,
                  formats: tuple[str, ...] = _formats.DEFAULT_FORMATS, group_pixels: int = GROUP_PIXELS):
-        import torch
+        import torch  # lazy: torch in the inference actor only; the CPU tasks import this module without it
 
         self.spec, self.device = spec, torch.device(device)
         self.max_image_pixels, self.formats, self.group_pixels = max_image_pixels, formats, group_pixels
@@ -198,7 +196,7 @@ class DeviceDecoder:
 
     def __call__(self, batch: dict[str, np.ndarray]):
         """Returns (pixels uint8 [N, 3, H, W] on the device, errors list, "" for none)."""
-        import torch
+        import torch  # lazy: torch in the inference actor only; the CPU tasks import this module without it
 
         began = time.perf_counter()
         h, w = self.spec.output_hw
@@ -250,7 +248,7 @@ class DeviceDecoder:
     def _decode(self, files: list[bytes]) -> list:
         """Decoded [3, H, W] tensors on the device, or the exception for each file refused.
         A refused call is split in halves (the batched decoder returns nothing on an error)."""
-        import torch
+        import torch  # lazy: torch and torchvision in the inference actor only
         from torchvision.io import ImageReadMode, decode_jpeg
 
         self.stats["calls"] += 1

@@ -32,6 +32,10 @@ import logging
 import math
 from dataclasses import dataclass
 
+from batchscore.committed import with_scores
+from batchscore.exceptions import ConfigError, NotCommitted, SinkError
+from batchscore.output import read_manifest
+
 PSI_FLOOR = 1e-4
 NONE_LABEL = "(none)"
 
@@ -46,9 +50,9 @@ class Thresholds:
     confidence: float = 0.05
 
     @classmethod
-    def from_config(cls, config) -> Thresholds:
-        """From a `ScoreConfig`, or a manifest's recorded config (a dict; older ones lack them)."""
-        get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
+    def from_settings(cls, settings: dict) -> Thresholds:
+        """From a manifest's recorded config (older ones lack them: then the defaults)."""
+        get = settings.get
         return cls(get("drift_psi", cls.psi), get("drift_js", cls.js), get("drift_error_rate", cls.error_rate),
                    get("drift_confidence", cls.confidence))
 
@@ -145,16 +149,12 @@ def no_baseline_message(baseline: str) -> str:
             "name the output of a committed run, or leave the baseline out")
 
 
-def check_baseline(config) -> str | None:
-    """The run id committed in `config.baseline` (None without a baseline, or a templated one).
+def check_baseline(baseline: str | None) -> str | None:
+    """The run id committed in `baseline` (None without a baseline, or a templated one).
 
     Raises:
         ConfigError: the baseline names an output without a committed run.
     """
-    from batchscore.config import ConfigError
-    from batchscore.output import SinkError, read_manifest
-
-    baseline = getattr(config, "baseline", None)
     if not baseline or "{date}" in baseline:
         return None
     try:
@@ -179,17 +179,13 @@ def against(output: str, baseline: str | None, thresholds: Thresholds | None = N
     Raises:
         NotCommitted: `output` holds no committed run, or `baseline` holds none and `required`.
     """
-    from batchscore.report import NotCommitted, with_scores
-
     if not baseline:
         return None
-    from batchscore.output import read_manifest
-
     current = read_manifest(output)
     if current is None:
         raise NotCommitted(f"{output}: no committed run to compare")
     if thresholds is None:
-        thresholds = Thresholds.from_config(current.get("config", {}))
+        thresholds = Thresholds.from_settings(current.get("config", {}))
     reference = read_manifest(baseline)
     if reference is None:
         if required:

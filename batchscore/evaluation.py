@@ -43,6 +43,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchscore import fs as fsutil
+from batchscore.exceptions import ConfigError
+from batchscore.postprocess import sigmoid_head
+
 ECE_BINS = 15  # equal-width bins of the top-1 probability (Guo et al. 2017)
 CONFIDENCE_BINS = 20  # histogram of the top-1 probability in the report
 AP_DECIMALS = 6  # score resolution of the average-precision tables
@@ -62,21 +66,19 @@ class EvalSpec:
     labels_file: str | None = None
 
 
-def spec_for(config, labels: tuple[str, ...], multi_label: bool) -> EvalSpec | None:
-    """The run's `EvalSpec`, or None without `label_source`.
+def spec_for(source: str | None, column: str | None, labels: tuple[str, ...], multi_label: bool) -> EvalSpec | None:
+    """The run's `EvalSpec` from its `label_source` and `label_column` (as in `ScoreConfig`),
+    or None without a source.
 
     Raises:
         ConfigError: the labels file cannot be read or has no such columns.
     """
-    from batchscore.postprocess import sigmoid_head
-
-    source = config.label_source
     if not source:
         return None
     sigmoid = sigmoid_head(tuple(labels), multi_label)
     if source in ("folder", "column"):
-        return EvalSpec(source, sigmoid, frozenset(labels), column=config.label_column if source == "column" else None)
-    mapping = load_labels_file(source, config.label_column or "label")
+        return EvalSpec(source, sigmoid, frozenset(labels), column=column if source == "column" else None)
+    mapping = load_labels_file(source, column or "label")
     return EvalSpec("file", sigmoid, frozenset(labels), mapping=mapping, labels_file=source)
 
 
@@ -86,9 +88,6 @@ def load_labels_file(path: str, column: str) -> dict[str, str]:
     Raises:
         ConfigError: unreadable, or without a `file`/`id` column and `column`.
     """
-    from batchscore import fs as fsutil
-    from batchscore.config import ConfigError
-
     try:
         fs, p = fsutil.resolve(path)
         text = fs.cat_file(p).decode("utf-8-sig")

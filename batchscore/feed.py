@@ -101,7 +101,7 @@ def queue_mb(decoded_queue_mb: int, batch: int, hw: tuple[int, int]) -> int:
 
 def device_memory_gib(device) -> float | None:
     """GiB of memory of a CUDA `device` (None on a CPU)."""
-    import torch
+    import torch  # lazy: torch in the inference actor only; the driver imports this module without it
 
     if device.type != "cuda":
         return None
@@ -138,7 +138,7 @@ class Feeder:
     """
 
     def __init__(self, device, compiled: bool = False, ahead: int = 1):
-        import torch
+        import torch  # lazy: torch in the inference actor only; the driver imports this module without it
 
         self.device = device
         self.cuda = device.type == "cuda" and torch.cuda.is_available()
@@ -155,7 +155,7 @@ class Feeder:
 
         `pixels` is a host numpy array (or CPU tensor), or a tensor already on the device.
         """
-        import torch
+        import torch  # lazy: torch in the inference actor only; the driver imports this module without it
 
         host = not isinstance(pixels, torch.Tensor) or pixels.device.type == "cpu"
         if isinstance(pixels, np.ndarray):
@@ -181,7 +181,7 @@ class Feeder:
 
     def _stage(self, pixels, start: int, stop: int, i: int, size: int):
         """Host chunk → pinned buffer (i % slots) → device on the copy stream; (tensor, event)."""
-        import torch
+        import torch  # lazy: torch in the inference actor only; the driver imports this module without it
 
         slot = i % len(self._pinned)
         shape = (size, *pixels.shape[1:])
@@ -202,7 +202,7 @@ class Feeder:
     def _forward(self, forward, x, n: int):
         if not self.compiled or n in self.compile_seconds:
             return forward(x)
-        import torch
+        import torch  # lazy: torch in the inference actor only; the driver imports this module without it
 
         began = time.perf_counter()
         out = forward(x)
@@ -218,7 +218,7 @@ def maybe_compile(net, enabled: bool):
     compiled on its first batch; fix `batch_size` to compile once)."""
     if not enabled:
         return net
-    import torch
+    import torch  # lazy: torch in the inference actor only; the driver imports this module without it
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     return torch.compile(net, dynamic=False)

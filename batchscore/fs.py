@@ -8,6 +8,7 @@ stage has a local-only shortcut.
 from __future__ import annotations
 
 import os
+import shutil
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -57,8 +58,6 @@ def remove_file(fs: AbstractFileSystem, path: str) -> None:
 def remove_tree(fs: AbstractFileSystem, folder: str) -> None:
     """Deletes `folder` and everything under it, taken as written; nothing if it is absent."""
     if is_local(fs):
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
         return
     for path in fs.find(folder):

@@ -1,7 +1,7 @@
 """A checkpoint's preprocessing, read from its preprocessor_config.json without transformers.
 
 The driver must not import transformers (and with it torch and torch._dynamo: ~3 s of one
-core, issue 16) to learn how images are resized, cropped and normalised. This module reads
+core, docs/benchmarks.md) to learn how images are resized, cropped and normalised. This module reads
 the file the way transformers' `AutoImageProcessor.from_pretrained` does for the image
 processors batchscore supports, with each class's own defaults:
 

@@ -23,17 +23,13 @@ import socket
 import time
 
 from batchscore import fs as fsutil
-from batchscore.output import SinkError
+from batchscore.exceptions import OutputBusy, SinkError
 from batchscore.repeating import repeating
 
 LEASE = "_staging/_lease"  # inside _staging/: a killed run leaves nothing else behind
 TTL_SECONDS = 600.0
 
 log = logging.getLogger("batchscore")
-
-
-class OutputBusy(RuntimeError):
-    """Another run holds the output's lease."""
 
 
 class Lease:

@@ -28,18 +28,20 @@ import hashlib
 import io
 import json
 import logging
-import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from batchscore import formats
 from batchscore import fs as fsutil
 from batchscore import output
-from batchscore.config import PASSTHROUGH_FORMATS, ScoreConfig, passthrough_refused
+from batchscore.config import PASSTHROUGH_FORMATS, passthrough_refused
+from batchscore.exceptions import ListingError
 from batchscore.progress import option  # messages in the caller's terms: --formats or formats
 
 log = logging.getLogger(__name__)
@@ -69,35 +71,51 @@ class Entry:
     passthrough: dict[str, str | None] = field(default_factory=dict, hash=False, compare=False)
 
 
-class ListingError(ValueError):
-    """An input could not be listed, is not of the expected format, or listed nothing."""
+@dataclass(frozen=True)
+class ListingSpec:
+    """What the listing needs of a job (`batchscore.plan.listing_spec` makes it from the config).
+
+    Attributes:
+        input: Folders, globs, files or manifests, as local paths or URIs.
+        input_format: auto, files, tar, parquet, manifest or azureml (`ScoreConfig.input_format`).
+        endings: Lower-case file endings that make a listed file an image.
+        image_column, id_column, uri_column, passthrough: As in `ScoreConfig`.
+    """
+
+    input: tuple[str, ...]
+    input_format: str = "auto"
+    endings: frozenset[str] = formats.endings(formats.DEFAULT_FORMATS)
+    image_column: str = "image"
+    id_column: str | None = None
+    uri_column: str = "uri"
+    passthrough: tuple[str, ...] = ()
 
 
-def list_inputs(config: ScoreConfig) -> list[Entry]:
-    """Every input of `config` as `Entry` objects, in listing order (see `listed`).
+def list_inputs(spec: ListingSpec) -> list[Entry]:
+    """Every input of `spec` as `Entry` objects, in listing order (see `listed`).
 
     One Python object per input: for tools and tests. A run keeps its listing columnar
     (`Listing`) and writes it to its staging folder for the workers to read.
     """
-    return listed(config).entries()
+    return listed(spec).entries()
 
 
-def listed(config: ScoreConfig) -> Listing:
-    """Lists every input of `config` as one `Listing` of one kind, sorted by id.
+def listed(spec: ListingSpec) -> Listing:
+    """Lists every input of `spec` as one `Listing` of one kind, sorted by id.
 
     Raises:
         ListingError: An input does not exist or matches nothing, no entry is left, the
             format cannot be told, a manifest has no rows, a manifest or Parquet file lacks
             a configured column, or `passthrough` is set for inputs that have nothing to pass.
     """
-    files = _list_files(config.input)
-    fmt = config.input_format if config.input_format != "auto" else _detect(files, config)
-    if config.passthrough and fmt not in PASSTHROUGH_FORMATS:
+    files = _list_files(spec.input)
+    fmt = spec.input_format if spec.input_format != "auto" else _detect(files, spec)
+    if spec.passthrough and fmt not in PASSTHROUGH_FORMATS:
         what = "plain image files" if fmt == "files" else f"{fmt} inputs"
-        raise ListingError(passthrough_refused(config.passthrough, f"the inputs {list(config.input)} are {what}"))
+        raise ListingError(passthrough_refused(spec.passthrough, f"the inputs {list(spec.input)} are {what}"))
     chosen, skipped = [], collections.Counter()
     for uri, size in files:
-        if _ending(uri) in _endings(fmt, config):
+        if _ending(uri) in _endings(fmt, spec):
             chosen.append((uri, size))
         else:
             skipped[_ending(uri) or "(none)"] += 1
@@ -109,14 +127,14 @@ def listed(config: ScoreConfig) -> Listing:
         log.warning("skipped %d listed file(s) that are not %s: %s (%s)", sum(skipped.values()), what,
                     ", ".join(f"{ext} x{n}" for ext, n in skipped.most_common()), hint)
     if not chosen:
-        raise ListingError(f"inputs {list(config.input)}: no {fmt} input found "
-                           f"(endings {sorted(_endings(fmt, config))})")
+        raise ListingError(f"inputs {list(spec.input)}: no {fmt} input found "
+                           f"(endings {sorted(_endings(fmt, spec))})")
     if fmt == "files":
         table = _table([uri for uri, _ in chosen], sizes=[size for _, size in chosen])
     elif fmt == "manifest":
-        table = _from_manifests([uri for uri, _ in chosen], config)
+        table = _from_manifests([uri for uri, _ in chosen], spec)
     elif fmt == "parquet":
-        table = _parquet_entries(chosen, config)
+        table = _parquet_entries(chosen, spec)
     else:
         table = _table([uri for uri, _ in chosen], sizes=[size for _, size in chosen], rows=None)
     kind = "file" if fmt in ("files", "manifest") else fmt
@@ -168,8 +186,6 @@ class Listing:
     def write(self, fs, folder: str, bounds: list[int]) -> None:
         """Writes the listing into `folder` as Parquet shards, one row group per read task
         (`bounds`: the task boundaries, [0, ..., count]), and drops the table from memory."""
-        import pyarrow.parquet as pq
-
         fsutil.remove_tree(fs, folder)
         if fsutil.is_local(fs):
             fs.makedirs(folder, exist_ok=True)
@@ -218,8 +234,6 @@ class Listing:
 
 def read_group(shard: str, group: int, columns: list[str] | None = None) -> pa.Table:
     """One row group of a listing shard (one read task's inputs)."""
-    import pyarrow.parquet as pq
-
     fs, path = fsutil.resolve(shard)
     with fs.open(path, "rb") as f:
         return pq.ParquetFile(f).read_row_group(group, columns=columns)
@@ -396,28 +410,28 @@ def _empty_folder(spec: str, left: collections.Counter[str]) -> str:
 _ending = formats.ending
 
 
-def _endings(fmt: str, config: ScoreConfig) -> set[str]:
+def _endings(fmt: str, spec: ListingSpec) -> set[str]:
     if fmt == "files":
-        return set(config.image_endings())
+        return set(spec.endings)
     if fmt == "manifest":
         return set(ENDINGS["manifest"]) | set(ENDINGS["parquet"])
     return set(ENDINGS[fmt])
 
 
-def _detect(files: list[tuple[str, int | None]], config: ScoreConfig) -> str:
+def _detect(files: list[tuple[str, int | None]], spec: ListingSpec) -> str:
     endings = {_ending(uri) for uri, _ in files}
     for fmt in ("files", "tar", "azureml", "manifest"):
-        if endings & _endings(fmt, config) - set(ENDINGS["parquet"]):
+        if endings & _endings(fmt, spec) - set(ENDINGS["parquet"]):
             return fmt
     parquets = [uri for uri, _ in files if _ending(uri) == ".parquet"]
     if parquets:
         names = _parquet_schema(parquets[0]).names
-        if config.image_column in names:
+        if spec.image_column in names:
             return "parquet"
-        if config.uri_column in names:
+        if spec.uri_column in names:
             return "manifest"
         raise ListingError(f"{parquets[0]}: cannot tell the input format: expected a column "
-                           f"{config.image_column!r} (image bytes) or {config.uri_column!r} (image URIs), "
+                           f"{spec.image_column!r} (image bytes) or {spec.uri_column!r} (image URIs), "
                            f"found {names}; set {option('input_format')}, {option('image_column')} or "
                            f"{option('uri_column')}")
     raise ListingError(f"cannot tell the input format of {len(files)} file(s) with endings {sorted(endings)}; "
@@ -426,18 +440,18 @@ def _detect(files: list[tuple[str, int | None]], config: ScoreConfig) -> str:
 
 # -- manifests --------------------------------------------------------------------------
 
-def _from_manifests(manifests: list[str], config: ScoreConfig) -> pa.Table:
+def _from_manifests(manifests: list[str], spec: ListingSpec) -> pa.Table:
     """The manifests' URIs (relative ones joined to the manifest's folder), each once (its
     first row kept), sorted; columnar throughout: a million rows cost tens of MB."""
-    columns = [config.uri_column, *config.passthrough]
+    columns = [spec.uri_column, *spec.passthrough]
     tables = []
     for manifest in manifests:
-        table = _manifest_table(manifest, columns, config)
-        uri = table.column(config.uri_column)
+        table = _manifest_table(manifest, columns, spec)
+        uri = table.column(spec.uri_column)
         empty = pc.or_kleene(pc.is_null(uri), pc.equal(uri, ""))
         if pc.any(empty).as_py():
             n = pc.index(empty, True).as_py()
-            raise ListingError(f"manifest {manifest}: data row {n + 1} has an empty {config.uri_column!r}; "
+            raise ListingError(f"manifest {manifest}: data row {n + 1} has an empty {spec.uri_column!r}; "
                                "every row must name an image")
         base = manifest.rsplit("/", 1)[0]
         relative = pc.and_(pc.invert(pc.match_substring(uri, "://")), pc.invert(pc.starts_with(uri, "/")))
@@ -455,9 +469,9 @@ def _from_manifests(manifests: list[str], config: ScoreConfig) -> pa.Table:
                     "first row (in the order the manifests were given)", duplicates, repeated)
         table = table.filter(first)
     passthrough = None
-    if config.passthrough:
-        passthrough = pa.StructArray.from_arrays([table.column(c).combine_chunks() for c in config.passthrough],
-                                                 names=list(config.passthrough))
+    if spec.passthrough:
+        passthrough = pa.StructArray.from_arrays([table.column(c).combine_chunks() for c in spec.passthrough],
+                                                 names=list(spec.passthrough))
     return _table(table.column("uri"), passthrough=passthrough)
 
 
@@ -480,7 +494,7 @@ def _normalized(uris: pa.ChunkedArray) -> pa.ChunkedArray:
     return pa.chunked_array([pa.array(values, pa.string())])
 
 
-def _manifest_table(uri: str, columns: list[str], config: ScoreConfig) -> pa.Table:
+def _manifest_table(uri: str, columns: list[str], spec: ListingSpec) -> pa.Table:
     """`columns` of a CSV, JSON-lines or Parquet manifest, as strings (null where a value is
     missing or null).
 
@@ -491,8 +505,6 @@ def _manifest_table(uri: str, columns: list[str], config: ScoreConfig) -> pa.Tab
     fs, path = fsutil.resolve(uri)
     ending = _ending(uri)
     if ending == ".parquet":
-        import pyarrow.parquet as pq
-
         with fs.open(path, "rb") as f:
             names = pq.read_schema(f).names
             _require(uri, columns, names)
@@ -500,8 +512,6 @@ def _manifest_table(uri: str, columns: list[str], config: ScoreConfig) -> pa.Tab
             table = pq.read_table(f, columns=columns)
         table = pa.table({c: _strings(table.column(c)) for c in columns})
     elif ending == ".csv":
-        import pyarrow.csv as pcsv
-
         with fs.open(path, "rb") as f:
             data = f.read()
         data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
@@ -535,7 +545,7 @@ def _manifest_table(uri: str, columns: list[str], config: ScoreConfig) -> pa.Tab
         table = pa.table({c: pa.array(v, pa.string()) for c, v in values.items()})
     if not table.num_rows:
         raise ListingError(f"manifest {uri}: has no rows (empty, or a header only); expected one row "
-                           f"per image with its URI in column {config.uri_column!r}")
+                           f"per image with its URI in column {spec.uri_column!r}")
     return table
 
 
@@ -555,24 +565,20 @@ def _strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
 # -- parquet with image bytes -----------------------------------------------------------
 
 def _parquet_schema(uri: str):
-    import pyarrow.parquet as pq
-
     fs, path = fsutil.resolve(uri)
     with fs.open(path, "rb") as f:
         return pq.read_schema(f)
 
 
-def _parquet_entries(files: list[tuple[str, int | None]], config: ScoreConfig) -> pa.Table:
+def _parquet_entries(files: list[tuple[str, int | None]], spec: ListingSpec) -> pa.Table:
     """One row per file, with its row count from the footer (read in parallel)."""
-    import pyarrow.parquet as pq
-
     def footer(item):
         uri, size = item
         fs, path = fsutil.resolve(uri)
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
         names = meta.schema.to_arrow_schema().names
-        needed = [config.image_column, *([config.id_column] if config.id_column else []), *config.passthrough]
+        needed = [spec.image_column, *([spec.id_column] if spec.id_column else []), *spec.passthrough]
         missing = [c for c in needed if c not in names]
         if missing:
             raise ListingError(f"{uri}: expected column(s) {missing}, found {names}")

@@ -27,11 +27,19 @@ Ray starts, `batchscore validate` too).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import math
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
+
+from packaging.version import Version
+
+from batchscore import cache, image_processors, timm_models
+from batchscore import fs as fsutil
+from batchscore.checkpoint import CheckpointFiles, ModelInfo, PreprocessSpec, TaskSpec
+from batchscore.exceptions import CacheError, ModelError
+from batchscore.postprocess import Postprocessor
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "checkpoint"
 
@@ -45,93 +53,6 @@ _TORCHVISION_INTERPOLATION = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3
 # The largest model input side batchscore accepts from a preprocessor config: ViT checkpoints
 # use 224-518; a larger value is a typo that would allocate gigabytes per decoded image.
 MAX_INPUT_SIDE = 4096
-
-
-class ModelError(ValueError):
-    """A checkpoint is missing, unsafe, or not one batchscore can score with."""
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How raw pixels become the model's input, as the checkpoint defines it.
-
-    Decode applies resize and crop on uint8 pixels; predict applies rescale and normalize on
-    the device. `size` is (height, width) or, with `shortest_edge`, the shortest edge only.
-    """
-
-    size: tuple[int, int] | None
-    shortest_edge: int | None
-    interpolation: str
-    crop: tuple[int, int] | None
-    rescale_factor: float | None
-    mean: tuple[float, float, float] | None
-    std: tuple[float, float, float] | None
-    crop_offsets: str = "floor"  # centre-crop offsets: floor (transformers) or round (torchvision, timm)
-
-    @property
-    def output_hw(self) -> tuple[int, int]:
-        """The (height, width) of the uint8 array decode hands to predict."""
-        if self.crop:
-            return self.crop
-        if self.size:
-            return self.size
-        raise ModelError("preprocessor config: a shortest_edge resize without a crop gives no fixed input size")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver knows about a checkpoint before any actor loads it."""
-
-    ref: str
-    path: str
-    name: str
-    model_type: str
-    weights_sha256: str
-    labels: tuple[str, ...]
-    multi_label: bool
-    preprocess: PreprocessSpec
-    cache_key: str | None = None  # content key of a checkpoint fetched from a bucket
-    weights_format: str = "safetensors"  # or "pickle", only with allow_pickle; "npz"
-    layout: str = "transformers"  # or "timm" (timm's HF folder), "npz" (vision_transformer file)
-    architecture: str = ""  # the transformers class, or the timm model name
-    has_head: bool = True  # a trained classification head (labels non-empty)
-    has_pooler: bool = False  # trained pooler weights (transformers' pooler, an npz's pre_logits);
-    # always True for timm folders, whose pre-logits features (timm's own pooling) are the pooler
-    hidden_dim: int = 0  # width of the final tokens (cls and mean embeddings)
-    pooler_dim: int = 0  # width of the pooler output
-    model_args: str = "{}"  # timm: create_model keyword arguments, as JSON
-    weights_file: str = "model.safetensors"  # relative to `path`'s folder; the .npz file's name
-
-    @property
-    def tag(self) -> str:
-        """The `model` column: name and weights hash."""
-        return f"{self.name}@sha256:{self.weights_sha256[:16]}"
-
-
-@dataclass(frozen=True)
-class CheckpointFiles:
-    """What a checkpoint's own files say, read without transformers or torch (`check`)."""
-
-    ref: str
-    where: str  # the folder or bucket URI that was looked at
-    name: str
-    model_type: str
-    labels: tuple[str, ...]
-    multi_label: bool
-    weights: str  # the weights file: model.safetensors, its index, or pytorch_model.bin
-    weights_format: str  # "safetensors", or "pickle" (only with allow_pickle), or "npz"
-    layout: str = "transformers"  # or "timm", "npz"
-    has_head: bool = True  # False: headless (no labels), scored with task embed
-
-    @property
-    def headless(self) -> bool:
-        return not self.has_head
-
-    def summary(self) -> str:
-        labels = f"{len(self.labels)} labels" if self.has_head else "headless (embeddings)"
-        layout = "" if self.layout == "transformers" else f", {self.layout}"
-        return (f"{self.name} ({self.model_type}{layout}): {labels}, weights {self.weights} "
-                f"({self.weights_format}), at {self.where}")
 
 
 def check(ref: str | None, allow_pickle: bool = False, model_arch: str | None = None) -> CheckpointFiles:
@@ -151,8 +72,6 @@ def check(ref: str | None, allow_pickle: bool = False, model_arch: str | None = 
         ModelError: As `resolve` would for the checkpoint's files.
     """
     if ref is not None and _is_remote(ref):
-        from batchscore import fs as fsutil
-
         fs, root = fsutil.resolve(ref)
         root = root.rstrip("/")
         if root.endswith(".npz"):  # its shapes are read once it is fetched (resolve)
@@ -219,8 +138,6 @@ def _check_weight_names(files: CheckpointFiles, keys: dict[str, tuple[int, ...] 
 def _check_npz(ref: str | None, path: Path, model_arch: str | None = None) -> tuple[CheckpointFiles, dict]:
     """A vision_transformer .npz: its arrays' shapes (headers only, no pickle) against its
     architecture's, and labels. Returns (the files, `timm_models.npz_architecture`'s answer)."""
-    from batchscore import timm_models
-
     try:
         shapes = timm_models.npz_shapes(path)
     except (ValueError, OSError, zipfile.BadZipFile) as e:
@@ -250,11 +167,9 @@ def resolve(ref: str | None, allow_pickle: bool = False, model_arch: str | None 
     """
     cache_key = None
     if ref is not None and _is_remote(ref):
-        from batchscore import cache
-
         try:
             path, cache_key = cache.fetch_checkpoint(ref, allow_pickle=allow_pickle)
-        except cache.CacheError as e:
+        except CacheError as e:
             raise ModelError(str(e)) from None
         if str(ref).rstrip("/").endswith(".npz"):
             path = path / str(ref).rstrip("/").rsplit("/", 1)[-1]
@@ -294,8 +209,6 @@ def resolve(ref: str | None, allow_pickle: bool = False, model_arch: str | None 
 
 def _resolve_timm(files: CheckpointFiles, path: Path, cache_key: str | None) -> ModelInfo:
     """A folder in timm's Hugging Face layout: preprocessing from `pretrained_cfg`."""
-    from batchscore import timm_models
-
     config = json.loads((path / "config.json").read_text())
     args = dict(config.get("model_args") or {})
     args["num_classes"] = timm_models.num_classes(config)
@@ -314,8 +227,6 @@ def _resolve_timm(files: CheckpointFiles, path: Path, cache_key: str | None) -> 
 def _resolve_npz(ref: str | None, path: Path, cache_key: str | None, model_arch: str | None) -> ModelInfo:
     """A vision_transformer .npz: architecture from its shapes (or `model_arch`), the README's
     preprocessing, labels as `timm_models.npz_labels` finds them."""
-    from batchscore import timm_models
-
     files, arch = _check_npz(ref, path, model_arch)
     kwargs = dict(arch["kwargs"], num_classes=arch["num_classes"] if files.has_head else 0)
     if model_arch:
@@ -361,25 +272,6 @@ def _weight_names(path: Path, weights: str) -> dict[str, tuple[int, ...] | None]
                 "; it is a git-lfs pointer: fetch the weights with `git lfs pull`" if lfs else "")) from None
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a run's rows hold: the resolved task and, when it embeds, how the vector is made."""
-
-    task: str  # classify, embed or classify+embed
-    pool: str | None = None  # cls, pooler or mean; None when the task does not embed
-    normalize: bool = False
-    dtype: str = "float32"  # of the embedding column: float32 or float16
-    dim: int = 0
-
-    @property
-    def classifies(self) -> bool:
-        return self.task in ("classify", "classify+embed")
-
-    @property
-    def embeds(self) -> bool:
-        return self.task in ("embed", "classify+embed")
-
-
 def task_for(task: str, files: CheckpointFiles | ModelInfo) -> str:
     """The task a run does: `task`, or (auto) classify with a head, embed without one.
 
@@ -394,16 +286,17 @@ def task_for(task: str, files: CheckpointFiles | ModelInfo) -> str:
     return task
 
 
-def task_spec(config, model: ModelInfo) -> TaskSpec:
-    """The run's `TaskSpec` from its config and checkpoint.
+def task_spec(model: ModelInfo, task: str = "auto", embed_pool: str = "auto", embed_normalize: bool = False,
+              embed_dtype: str = "float32") -> TaskSpec:
+    """The run's `TaskSpec` from its checkpoint and task settings (as in `ScoreConfig`).
 
     Raises:
         ModelError: classification of a headless checkpoint, or a pooler it does not have.
     """
-    task = task_for(config.task, model)
+    task = task_for(task, model)
     if task == "classify":
         return TaskSpec(task)
-    pool = config.embed_pool
+    pool = embed_pool
     if pool == "auto":
         pool = "pooler" if model.has_pooler else "cls"
     if pool == "pooler" and not model.has_pooler:
@@ -413,13 +306,11 @@ def task_spec(config, model: ModelInfo) -> TaskSpec:
     if dim <= 0:
         raise ModelError(f"model {model.ref!r}: task {task} with embed_pool {pool}, but the checkpoint does not say "
                          f"how wide that embedding is (its {model.layout} files name no width for it)")
-    return TaskSpec(task, pool, config.embed_normalize, config.embed_dtype, dim)
+    return TaskSpec(task, pool, embed_normalize, embed_dtype, dim)
 
 
 def top_k_used(top_k: int, labels: tuple[str, ...]) -> tuple[int, str | None]:
     """(labels per row a run writes, a warning when `top_k` asks for more classes than there are)."""
-    from batchscore.postprocess import Postprocessor
-
     if not labels:  # headless: the run embeds, no labels are written
         return 0, None
     k = Postprocessor(tuple(labels), top_k, multi_label=False).k
@@ -498,15 +389,11 @@ def _check_files(ref: str | None, where: str, names: set[str], read, allow_pickl
 
 
 def _timm_config(config: dict) -> bool:
-    from batchscore.timm_models import is_timm_config
-
-    return is_timm_config(config)
+    return timm_models.is_timm_config(config)
 
 
 def _check_timm_files(ref: str | None, where: str, names: set[str], config: dict, name: str) -> CheckpointFiles:
     """A folder in timm's Hugging Face layout: model.safetensors (never pickle) and labels."""
-    from batchscore import timm_models
-
     if "model.safetensors" not in names:
         found = sorted(n for n in names if n.endswith(_PICKLE_ENDINGS))
         raise ModelError(f"model {ref!r}: no model.safetensors in timm checkpoint {where}"
@@ -534,8 +421,6 @@ def local_path(model: ModelInfo) -> str:
     """The checkpoint folder on this node: the driver's path, or this node's cached copy."""
     if model.cache_key is None:
         return model.path
-    from batchscore import cache
-
     allow_pickle = model.weights_format == "pickle"
     folder = cache.fetch_checkpoint(model.ref, expect_key=model.cache_key, allow_pickle=allow_pickle)[0]
     return str(folder / model.weights_file) if model.layout == "npz" else str(folder)
@@ -544,10 +429,6 @@ def local_path(model: ModelInfo) -> str:
 def _require_safe_torch_load(ref: str | None) -> None:
     """Pickle weights need torch >= 2.6; the installed version is read from its metadata, so
     this check (part of `check`) does not import torch."""
-    import importlib.metadata as md
-
-    from packaging.version import Version
-
     try:
         version = md.version("torch")
     except md.PackageNotFoundError:
@@ -606,8 +487,6 @@ def preprocess_spec(path: Path) -> PreprocessSpec:
 
 def _preprocess_from(raw: dict, model_type: str | None, where: str) -> PreprocessSpec:
     """`preprocess_spec` of a preprocessor_config.json's contents (`where`: its path)."""
-    from batchscore import image_processors
-
     try:
         proc = image_processors.read(raw, model_type, where)
     except image_processors.ProcessorError as e:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchscore import fs as fsutil
+from batchscore.exceptions import SinkError
 
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "predictions.v1.json"
 SCHEMA_NAME = "batchscore.predictions.v1"
@@ -46,10 +47,6 @@ MARKERS = frozenset({SUCCESS, MANIFEST, MANIFESTS, STAGING, REPORT})
 
 _TYPES = {"string": pa.string(), "float32": pa.float32(), "float16": pa.float16(), "int32": pa.int32(),
           "int64": pa.int64()}
-
-
-class SinkError(RuntimeError):
-    """Output could not be written, does not match the schema, or its rows do not match the inputs."""
 
 
 def load_schema(path: Path = SCHEMA_FILE, passthrough: tuple[str, ...] = (), *, task: str | None = None,

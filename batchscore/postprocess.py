@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from batchscore import fs as fsutil
 from batchscore.errors import code_of
+from batchscore.exceptions import ConfigError
 
 
 def sigmoid_head(labels: tuple[str, ...], multi_label: bool) -> bool:
@@ -48,8 +50,6 @@ def file_sha256(path: str | None) -> str | None:
     """sha256 of a thresholds file (local path or URI), None when there is none."""
     if not path:
         return None
-    from batchscore.config import ConfigError
-
     try:
         return hashlib.sha256(_read_bytes(path)).hexdigest()
     except OSError as e:
@@ -65,8 +65,6 @@ def load_thresholds(default: float, path: str | None, labels: tuple[str, ...], m
             checkpoint does not have (all of them are named), or the checkpoint is not a
             sigmoid head (single-label models are scored with a softmax and top_k).
     """
-    from batchscore.config import ConfigError
-
     if not path:
         return Thresholds(default)
     if not sigmoid_head(labels, multi_label):
@@ -77,7 +75,7 @@ def load_thresholds(default: float, path: str | None, labels: tuple[str, ...], m
         raw = _read_bytes(path)
     except OSError as e:
         raise ConfigError(f"thresholds: cannot read {path}: {e}") from e
-    import yaml  # YAML is a superset of JSON: one parser for both
+    import yaml  # lazy: only a thresholds file is YAML (a superset of JSON: one parser for both)
 
     try:
         data = yaml.safe_load(raw.decode("utf-8"))
@@ -102,18 +100,17 @@ def load_thresholds(default: float, path: str | None, labels: tuple[str, ...], m
     return Thresholds(default, per_label, str(path), hashlib.sha256(raw).hexdigest())
 
 
-def run_thresholds(config, labels: tuple[str, ...], multi_label: bool) -> Thresholds | None:
-    """The run's thresholds (`threshold`, `thresholds` file) for a sigmoid head; None for a
-    softmax head (a thresholds file there is an error: see `load_thresholds`)."""
-    loaded = load_thresholds(config.threshold, config.thresholds, tuple(labels), multi_label)
+def run_thresholds(threshold: float, path: str | None, labels: tuple[str, ...], multi_label: bool
+                   ) -> Thresholds | None:
+    """The run's thresholds (the default `threshold`, the file `path`) for a sigmoid head; None
+    for a softmax head (a thresholds file there is an error: see `load_thresholds`)."""
+    loaded = load_thresholds(threshold, path, tuple(labels), multi_label)
     return loaded if sigmoid_head(tuple(labels), multi_label) else None
 
 
 def _read_bytes(path: str) -> bytes:
     if "://" not in str(path):
         return Path(path).expanduser().read_bytes()
-    from batchscore import fs as fsutil
-
     fs, p = fsutil.resolve(str(path))
     return fs.cat_file(p)
 
@@ -132,7 +129,7 @@ class Postprocessor:
         self.thresholds = (thresholds or Thresholds()).vector(tuple(labels)) if self.multi_label else None
 
     def __call__(self, logits):
-        import torch
+        import torch  # lazy: torch in the inference actor only; validate imports this module without it
 
         logits = logits.float()
         if logits.shape[-1] != len(self.labels):

@@ -24,13 +24,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from batchscore import feed, sizing
+from batchscore import feed, sizing, timm_models
+from batchscore.checkpoint import ModelInfo, TaskSpec
+from batchscore.device_decode import DeviceDecoder
 from batchscore.errors import code_of, error
-from batchscore.models import ModelInfo, TaskSpec, local_path
+from batchscore.models import local_path
 from batchscore.postprocess import Postprocessor, Thresholds
 from batchscore.progress import log_from_worker
 
@@ -69,7 +72,7 @@ def resolve_runtime(device: str, dtype: str):
     Raises:
         RuntimeError: CUDA was asked for but this process sees no GPU.
     """
-    import torch
+    import torch  # lazy: torch in the actors only; the driver imports this module without it
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,7 +89,7 @@ def resolve_runtime(device: str, dtype: str):
 
 def cpu_has_native_bf16() -> bool:
     """True when oneDNN runs bf16 natively here (AVX512-BF16 or AMX); else bf16 is emulated."""
-    import torch
+    import torch  # lazy: torch in the actors only; the driver imports this module without it
 
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -97,7 +100,7 @@ def cpu_has_native_bf16() -> bool:
 def actor_cpus() -> float | None:
     """CPUs Ray assigned to this process, or None outside a Ray worker."""
     try:
-        import ray
+        import ray  # lazy: predict also runs outside Ray (in-process scoring, tests)
 
         if not ray.is_initialized():
             return None
@@ -151,22 +154,43 @@ def chunks(n: int, size: int):
     return [(start, min(n, start + size)) for start in range(0, n, size)]
 
 
-class Predictor:
-    """Callable class for `Dataset.map_batches` with an actor pool."""
+@dataclass(frozen=True)
+class PredictSpec:
+    """What the inference actor does with its model (`batchscore.plan` resolves it once).
 
-    def __init__(self, model: ModelInfo, device: str, dtype: str, top_k: int, batch_size: int | None = None,
-                 thresholds: Thresholds | None = None, feeding: feed.FeedOptions | None = None,
-                 task: TaskSpec | None = None):
+    Attributes:
+        device: auto (CUDA when this process sees one), cpu or cuda.
+        dtype: auto (fp16 on CUDA, bf16 on a CPU with native bf16, else fp32), fp32, bf16 or fp16.
+        top_k: Labels per row, most probable first; 0 keeps every class.
+        batch_size: Images per forward pass; None = measured (`BatchSizer`).
+        thresholds: A sigmoid head's per-label thresholds; None for a softmax head.
+        feeding: How batches reach the model (`feed.FeedOptions`).
+        task: What a row holds (`TaskSpec`: classify, embed or both).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    top_k: int = 5
+    batch_size: int | None = None
+    thresholds: Thresholds | None = None
+    feeding: feed.FeedOptions = field(default_factory=feed.FeedOptions)
+    task: TaskSpec = field(default_factory=lambda: TaskSpec("classify"))
+
+
+class Predictor:
+    """Callable class for `Dataset.map_batches` with an actor pool: `Predictor(model, spec)`."""
+
+    def __init__(self, model: ModelInfo, spec: PredictSpec):
         began = time.monotonic()
-        import torch
+        import torch  # lazy: torch in the actors only; the driver imports this module without it
 
         cpus = actor_cpus()
         if cpus:
             log_from_worker()
             # Ray sets OMP_NUM_THREADS=1 in workers; give torch the CPUs this actor holds.
             torch.set_num_threads(max(1, math.ceil(cpus)))
-        self.device, self.dtype = resolve_runtime(device, dtype)
-        self.task = task or TaskSpec("classify")
+        self.device, self.dtype = resolve_runtime(spec.device, spec.dtype)
+        self.task = spec.task
         self.layout, self.has_head = model.layout, model.has_head
         self._base_out: list = []  # a transformers classifier's base-model output, caught by a hook
         net, self.pooler = self._load(model)
@@ -174,24 +198,22 @@ class Predictor:
         if self.pooler is not None:
             self.pooler = self.pooler.to(self.device, self.dtype).eval()
         # Chunked forward with overlapped copies, JPEGs decoded here when asked (batchscore.feed).
-        self.feeding = feeding = feeding or feed.FeedOptions()
+        self.feeding = feeding = spec.feeding
         self.net = feed.maybe_compile(self.net, feeding.compile)
         self.feeder = feed.Feeder(self.device, compiled=feeding.compile)
         self.decoder = None
         if feeding.decode_on_device:
-            from batchscore.device_decode import DeviceDecoder
-
             self.decoder = DeviceDecoder(model.preprocess, self.device, feeding.max_image_pixels, feeding.formats)
         self.clock = sizing.BusyClock(feeding.sizing_seconds)
-        spec = model.preprocess
-        self.scale = spec.rescale_factor
+        preprocess = model.preprocess
+        self.scale = preprocess.rescale_factor
         self.mean = self.std = None
-        if spec.mean is not None:
-            self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
-            self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
-        self.post = (Postprocessor(model.labels, top_k, model.multi_label, thresholds)  # thresholds: sigmoid heads
+        if preprocess.mean is not None:
+            self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
+            self.std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
+        self.post = (Postprocessor(model.labels, spec.top_k, model.multi_label, spec.thresholds)  # thresholds: sigmoid
                      if self.task.classifies else None)
-        self.sizer = BatchSizer(batch_candidates(batch_size, self.device.type == "cuda",
+        self.sizer = BatchSizer(batch_candidates(spec.batch_size, self.device.type == "cuda",
                                                  feed.device_memory_gib(self.device)))
         log.info("predictor ready in %.1fs: %s (%s) on %s as %s, task %s%s, %d torch threads, batch size %s",
                  time.monotonic() - began, model.tag, model.layout, self.device, self.dtype, self.task.task,
@@ -201,10 +223,8 @@ class Predictor:
     def _load(self, model: ModelInfo):
         """(the network on the CPU in fp32, an extra pooler module or None), from the checkpoint's own files."""
         if model.layout in ("timm", "npz"):
-            from batchscore import timm_models
-
-            return timm_models.build(model)
-        import transformers
+            return timm_models.build(model, local_path(model))
+        import transformers  # lazy: the timm and .npz layouts do without it
         from transformers import AutoModel, AutoModelForImageClassification
 
         transformers.utils.logging.disable_progress_bar()
@@ -227,7 +247,7 @@ class Predictor:
         return net, None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import torch
+        import torch  # lazy: torch in the actors only; the driver imports this module without it
 
         self.clock.enter()
         errors = list(batch["error"])
@@ -283,7 +303,7 @@ class Predictor:
 
     def forward(self, x):
         """(logits or None, embedding [N, D] float32 or None) of one normalised batch: one forward pass."""
-        import torch
+        import torch  # lazy: torch in the actors only; the driver imports this module without it
 
         task, logits, tokens, pooled = self.task, None, None, None
         if self.layout == "transformers":
@@ -333,7 +353,7 @@ class Predictor:
 
     def normalize(self, pixels):
         """uint8 [N, 3, H, W] on the host → normalised model-dtype tensor on the device."""
-        import torch
+        import torch  # lazy: torch in the actors only; the driver imports this module without it
 
         if self.device.type == "cuda" and pixels.device.type == "cpu":  # else staged by the Feeder
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)

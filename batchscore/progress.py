@@ -204,7 +204,7 @@ class Progress:
 
 
 def _new_bar(total: int | None):
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: tqdm only where a bar is drawn; `import batchscore` imports this module
 
     return tqdm(total=total, unit="images", desc="batchscore", dynamic_ncols=True, leave=True)
 
@@ -276,7 +276,7 @@ class _FallbackHandler(logging.StreamHandler):
         if logging.getLogger().handlers:
             return  # the caller configured logging after all: the root's handler prints it
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # lazy: as in `_new_bar`
 
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging never raises into the run

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from batchscore import formats, listing
@@ -345,8 +346,6 @@ class _Ids:
 
 def read_parquet(uri: str, options: ReadOptions) -> Iterator[tuple[str, bytes, str, dict]]:
     """Yields one row per Parquet row; a file that fails midway yields error rows for the rest."""
-    import pyarrow.parquet as pq
-
     columns = list(dict.fromkeys([options.image_column, *filter(None, [options.id_column]), *options.passthrough]))
     row, total = 0, None
     first_row: dict[str, int] = {}  # id_column value -> the row that used it first

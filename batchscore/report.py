@@ -21,12 +21,16 @@ import collections
 import html
 import io
 import logging
+import threading
 
+import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from PIL import Image
 
+from batchscore import committed, drift
 from batchscore import fs as fsutil
-from batchscore.output import REPORT, STAGING, SUCCESS, SinkError, read_committed, read_manifest
+from batchscore.output import REPORT, read_committed
+from batchscore.result import _drift_line, _evaluation_line
 
 TOP_LABELS = 20
 SAMPLES = 24  # scored rows in the sample grid
@@ -35,23 +39,6 @@ THUMBNAIL = 112  # px
 MATRIX_LABELS = 30  # a confusion matrix beyond this many classes is shown as its most confused pairs
 
 log = logging.getLogger("batchscore")
-
-
-class NotCommitted(SinkError):
-    """The output holds no committed run, so there is nothing to report (`batchscore inspect`
-    exits 6: not a failure of the output, just nothing there yet)."""
-
-
-def _committed_manifest(output: str) -> dict:
-    manifest = read_manifest(output)
-    if manifest is None:
-        fs, root = fsutil.resolve(output)
-        if fsutil.is_local(fs) and not fs.exists(root):
-            raise NotCommitted(f"{output}: no committed run ({SUCCESS} is missing): there is no such folder "
-                               f"({fsutil.full_uri(fs, root)})")
-        raise NotCommitted(f"{output}: no committed run ({SUCCESS} is missing); "
-                           f"a run in progress or one that failed keeps its files under {STAGING}/")
-    return manifest
 
 
 def inspect_output(output: str, baseline: str | None = None, thresholds=None) -> dict:
@@ -64,9 +51,7 @@ def inspect_output(output: str, baseline: str | None = None, thresholds=None) ->
             `baseline`, given, holds no committed run.
         SinkError: the committed run's manifest or files cannot be read.
     """
-    from batchscore import drift
-
-    manifest = _committed_manifest(output)
+    manifest = committed.manifest_of(output)
     table = read_committed(output)
     errors = table.column("error_code")
     error_rows = table.num_rows - errors.null_count
@@ -87,13 +72,13 @@ def inspect_output(output: str, baseline: str | None = None, thresholds=None) ->
     mismatches = {k: {"manifest": counts.get(k), "files": v} for k, v in found.items() if counts.get(k) != v}
     explicit = bool(baseline)  # named by the caller: one without a committed run is an error
     baseline = baseline or manifest.get("config", {}).get("baseline")
-    scores = with_scores(manifest, output, table)["scores"]
+    scores = committed.with_scores(manifest, output, table)["scores"]
     return {
         "output": output,
         "run_id": manifest["run_id"],
         "model": manifest["model"]["tag"],
         "model_type": manifest["model"]["model_type"],
-        "task": manifest.get("task"),  # issue 17: task, pool, dim of an embeddings run (None before v2)
+        "task": manifest.get("task"),  # task, pool, dim of an embeddings run (None before v2)
         **found,
         "top1_labels": dict(histogram.most_common(TOP_LABELS)),
         "distinct_top1_labels": len(histogram),
@@ -119,26 +104,6 @@ def _brief_evaluation(ev: dict | None) -> dict | None:
     return {k: v for k, v in ev.items() if k not in ("confusion", "ece_bins")}
 
 
-def with_scores(manifest: dict, output: str, table=None) -> dict:
-    """`manifest` with its `scores` (runs committed before they existed: counted from the part
-    files, one at a time, three columns each)."""
-    if manifest.get("scores") is not None:
-        return manifest
-    from batchscore import evaluation
-
-    tables = [table] if table is not None else _parts(output, manifest, ["labels", "probs", "error"])
-    parts = [{"scores": evaluation.scores(t), "rows": t.num_rows} for t in tables]
-    return {**manifest, "scores": evaluation.score_summary(evaluation.merge(parts))}
-
-
-def _parts(output: str, manifest: dict, columns: list[str]):
-    """The committed part files of `manifest`, one table at a time, only `columns`."""
-    fs, root = fsutil.resolve(output)
-    for part in manifest["files"]:
-        with fs.open(f"{root.rstrip('/')}/{part['name']}", "rb") as f:
-            yield pq.read_table(f, columns=columns)
-
-
 def format_report(report: dict) -> str:
     codes = ", ".join(f"{k}={v}" for k, v in report["errors_by_code"].items()) or "none"
     lines = [
@@ -150,7 +115,7 @@ def format_report(report: dict) -> str:
         + ("; resumed" if report["resumed"] else ""),
     ]
     task = report.get("task") or {}
-    if task.get("pool"):  # issue 17: the run embeds; an embed-only run has no labels to count
+    if task.get("pool"):  # the run embeds; an embed-only run has no labels to count
         lines.append(f"task: {task['task']} (pool {task['pool']}, dim {task.get('dim')}, {task.get('dtype')}"
                      + (", L2-normalised" if task.get("normalize") else "") + ")")
     if task.get("task", "classify") != "embed":
@@ -159,8 +124,6 @@ def format_report(report: dict) -> str:
     most = max(report["top1_labels"].values(), default=1)
     for label, n in report["top1_labels"].items():
         lines.append(f"  {label:<{width}}  {n:>7}  {'#' * max(1, round(30 * n / most))}")
-    from batchscore.result import _drift_line, _evaluation_line
-
     for line in (_evaluation_line(report.get("evaluation")), _drift_line(report.get("drift"))):
         if line:
             lines.append(line)
@@ -176,10 +139,10 @@ def prepare() -> None:
     """Imports what the report draws with (matplotlib, ~0.5 s) in a background thread, so that
     `after_commit` does not add it to the end of a run: the pipeline calls this while the
     workers score and the driver mostly waits."""
-    import threading
 
     def load() -> None:
         try:
+            # lazy: matplotlib only for the page; loaded here, in the background
             import matplotlib.backends.backend_svg  # noqa: F401 - what `_svg` saves with
             import matplotlib.figure  # noqa: F401
         except Exception:  # noqa: BLE001 - `after_commit` reports a missing matplotlib itself
@@ -188,18 +151,17 @@ def prepare() -> None:
     threading.Thread(target=load, name="batchscore-report-imports", daemon=True).start()
 
 
-def after_commit(config) -> str | None:
-    """Writes `_report.html` for the run just committed in `config.output`, against
-    `config.baseline`; a failure is logged, never raised (the run is committed either way)."""
-    from batchscore import drift
-
+def after_commit(output: str, baseline: str | None, thresholds) -> str | None:
+    """Writes `_report.html` for the run just committed in `output`, against `baseline` with
+    the drift `thresholds` (`drift.Thresholds`); a failure is logged, never raised (the run is
+    committed either way)."""
     try:
         # required=False: a baseline gone since the run was checked leaves the drift out, not the page
-        path = write_report(config.output, config.baseline, drift.Thresholds.from_config(config), required=False)
+        path = write_report(output, baseline, thresholds, required=False)
         log.info("report: %s", path)
         return path
     except Exception as e:  # noqa: BLE001 - the report is derived; the commit stands
-        log.warning("could not write %s for %s: %s: %s", REPORT, config.output, type(e).__name__, e)
+        log.warning("could not write %s for %s: %s: %s", REPORT, output, type(e).__name__, e)
         return None
 
 
@@ -226,9 +188,7 @@ def write_report(output: str, baseline: str | None = None, thresholds=None, path
 def render(output: str, baseline: str | None = None, thresholds=None, required: bool = True) -> str:
     """The report page of the committed run in `output`, as one HTML string (`baseline`,
     given and `required`, must hold a committed run; the run's own recorded baseline need not)."""
-    from batchscore import drift
-
-    manifest = with_scores(_committed_manifest(output), output)
+    manifest = committed.with_scores(committed.manifest_of(output), output)
     explicit = bool(baseline) and required
     baseline = baseline or manifest.get("config", {}).get("baseline")
     found = drift.against(output, baseline, thresholds, required=explicit)
@@ -268,6 +228,7 @@ def _num(v, digits: int = 3) -> str:
 
 
 def _figure(width: float, height: float):
+    # lazy: matplotlib only when a page is drawn (`prepare` loads it in the background during a run)
     from matplotlib.figure import Figure  # no pyplot: no global backend, safe in threads and notebooks
 
     fig = Figure(figsize=(width, height), dpi=96)
@@ -322,7 +283,7 @@ def _samples(output: str, manifest: dict) -> str:
     scored, failed = [], []
     columns = ["id", "labels", "probs", "error", "error_code"]
     try:
-        for table in _parts(output, manifest, columns):
+        for table in committed.parts(output, manifest, columns):
             for row in table.to_pylist():
                 if row["error"] is None and len(scored) < SAMPLES:
                     scored.append(row)
@@ -359,8 +320,6 @@ def _thumbnail(id_: str) -> str | None:
     if "#" in id_:
         return None
     try:
-        from PIL import Image
-
         fs, path = fsutil.resolve(id_)
         with fs.open(path, "rb") as f:
             data = f.read(64 * 2**20)
@@ -426,8 +385,6 @@ def _confusion_chart(confusion: dict) -> str | None:
         rows = "".join(f"<tr><td>{html.escape(t)}</td><td>{html.escape(p)}</td><td class='n'>{n}</td></tr>"
                        for t, p, n in pairs)
         return f"<table><tr><th>true</th><th>predicted</th><th>rows</th></tr>{rows}</table>"
-    import numpy as np
-
     index = {lb: i for i, lb in enumerate(labels)}
     m = np.zeros((len(labels), len(labels)), dtype=int)
     for t, p, n in counts:
@@ -484,8 +441,6 @@ def _drift(found: dict | None) -> str:
     labels = found["labels"][:TOP_LABELS]
     chart = None
     if labels:
-        import numpy as np
-
         fig, ax = _figure(6, 0.6 + 0.3 * len(labels))
         y = np.arange(len(labels))[::-1]
         ax.barh(y + 0.2, [lb["baseline_share"] for lb in labels], height=0.4, label="baseline", color="#babdb6")

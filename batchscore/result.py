@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from batchscore.progress import overwrite_hint
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -35,7 +37,7 @@ class RunResult:
         return self.rows - self.errors
 
     def to_arrow(self):
-        from batchscore.output import read_committed
+        from batchscore.output import read_committed  # lazy: pyarrow and fsspec; `import batchscore` stays light
 
         return read_committed(self.output)
 
@@ -46,8 +48,6 @@ class RunResult:
     def summary(self) -> str:
         """What the run did, in the caller's terms: `--overwrite` on the command line,
         `overwrite=True` from Python. The images/s is rows over the seconds on the same line."""
-        from batchscore.progress import overwrite_hint
-
         if self.status == "already_committed":
             text = (f"already committed: {self.output} holds run {self.run_id} ({self.rows} rows); "
                     f"nothing to do (pass {overwrite_hint()} to score again)")

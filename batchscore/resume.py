@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchscore import write
-from batchscore.config import ScoreConfig
+from batchscore.exceptions import ResumeError
 from batchscore.listing import Listing
 from batchscore.output import SCHEMA_NAME
 from batchscore.run import Coverage, Run
@@ -44,34 +44,31 @@ RESULT_SETTINGS = ("input", "input_format", "image_column", "id_column", "uri_co
                    "decode_device")  # JPEG decoders differ slightly (docs/architecture.md)
 
 
-class ResumeError(RuntimeError):
-    """The staged run cannot be continued with these settings."""
-
-
-def fingerprint(config: ScoreConfig, weights_sha256: str) -> dict:
-    """The settings a staged run must share to be resumed. Local paths are made absolute, so
-    `small` typed in /data and `/data/small` are the same input, and `small` typed elsewhere
-    is not."""
-    settings = config.to_dict()
-    settings["input"] = [_absolute(p) for p in settings["input"]]
-    settings["model"] = settings["model"] and _absolute(settings["model"])
-    from batchscore.postprocess import file_sha256
-
+def fingerprint(settings: dict, weights_sha256: str, thresholds_sha256: str | None) -> dict:
+    """The settings a staged run must share to be resumed, from a run's recorded settings
+    (`ScoreConfig.to_dict()`), its weights' and its thresholds file's sha256 (None without
+    one). Local paths are made absolute, so `small` typed in /data and `/data/small` are the
+    same input, and `small` typed elsewhere is not."""
     # Multi-label rows hold the labels at or above their thresholds: the default and the file's contents.
-    thresholds = {"threshold": settings.get("threshold"), "thresholds_sha256": file_sha256(settings.get("thresholds"))}
-    return {"schema": SCHEMA_NAME, "weights_sha256": weights_sha256,
-            **{k: settings[k] for k in RESULT_SETTINGS}, **thresholds}
+    thresholds = {"threshold": settings.get("threshold"), "thresholds_sha256": thresholds_sha256}
+    return {"schema": SCHEMA_NAME, "weights_sha256": weights_sha256, **_result_settings(settings), **thresholds}
 
 
-def differences(previous: dict, config: ScoreConfig) -> dict[str, tuple]:
+def _result_settings(settings: dict) -> dict:
+    out = {k: settings[k] for k in RESULT_SETTINGS if k in settings}
+    if "input" in out:
+        out["input"] = [_absolute(p) for p in out["input"]]
+    if out.get("model"):
+        out["model"] = _absolute(out["model"])
+    return out
+
+
+def differences(previous: dict, settings: dict) -> dict[str, tuple]:
     """{setting: (then, now)} for the result settings in which a committed run's recorded
-    config (`previous`, from its manifest) differs from `config` (local paths compared absolute)."""
-    now = fingerprint(config, "")
-    then = {k: previous[k] for k in RESULT_SETTINGS if k in previous}
-    if "input" in then:
-        then["input"] = [_absolute(p) for p in then["input"]]
-    if then.get("model"):
-        then["model"] = _absolute(then["model"])
+    config (`previous`, from its manifest) differs from `settings` (`ScoreConfig.to_dict()`;
+    local paths compared absolute)."""
+    now = _result_settings(settings)
+    then = _result_settings(previous)
     return {k: (then[k], now[k]) for k in then if then[k] != now[k]}
 
 

@@ -24,7 +24,7 @@ import logging
 from batchscore.budget import ErrorBudget
 from batchscore.lease import Lease
 from batchscore.listing import Listing
-from batchscore.output import SinkError
+from batchscore.exceptions import SinkError
 from batchscore.progress import Progress
 from batchscore.staging import Staging
 

@@ -11,8 +11,11 @@ import threading
 from dataclasses import dataclass
 
 import ray
+from ray._private import ray_constants
+from ray._private.node import Node
 
-from batchscore.config import ConfigError, ScoreConfig
+from batchscore.exceptions import ConfigError
+from batchscore.progress import bar_shown, option  # option: the caller's terms, --cpus-per-actor or cpus_per_actor=
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,6 @@ def ensure_ray() -> None:
     ctx = ray.data.DataContext.get_current()
     # Ray's bars redraw in place; in a log (non-TTY) batchscore's own progress lines stand
     # instead, and a Python caller's tqdm bar (batchscore.progress) replaces them.
-    from batchscore.progress import bar_shown
-
     ctx.enable_progress_bars = sys.stderr.isatty() and not bar_shown()
     log.info("expected: Ray's 'E ... core_worker.cc: ... has constructor arguments in the object store' line, once "
              "per run: Ray Data keeps its actors' arguments there while a run lasts (docs/operations.md)")
@@ -102,8 +103,6 @@ def loopback_only() -> None:
     so its constant is set as well.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
-
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
@@ -199,8 +198,6 @@ def _without_head_extras(skip: bool):
     if not skip:
         yield
         return
-    from ray._private.node import Node
-
     saved = {name: Node.__dict__.get(name) for name in ("start_api_server", "start_monitor")}
     if None in saved.values():  # another Ray version: start as Ray does, say so
         log.warning("this Ray (%s) has no Node.start_api_server/start_monitor: the local Ray starts its "
@@ -276,8 +273,19 @@ class ActorResources:
         return {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
-def actor_resources(config: ScoreConfig) -> ActorResources:
-    """CPUs and GPUs for each inference actor, from the config or the cluster's nodes.
+@dataclass(frozen=True)
+class ActorSpec:
+    """The settings that size the inference actors (as in `ScoreConfig`)."""
+
+    actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    device: str = "auto"
+    decode_cpus: float = 0.5
+
+
+def actor_resources(spec: ActorSpec) -> ActorResources:
+    """CPUs and GPUs for each inference actor, from `spec` or the cluster's nodes.
 
     Unset, a CPU actor takes what one decode and one write task leave on the cluster's largest
     node (an actor lives on one node), split over the largest pool; fractions are fine (torch
@@ -289,43 +297,41 @@ def actor_resources(config: ScoreConfig) -> ActorResources:
             that fit no node or leave no CPU for decode (the run would wait forever; on a
             cluster an autoscaler may add nodes, so a warning says it).
     """
-    from batchscore.progress import option  # the caller's terms: --cpus-per-actor or cpus_per_actor=
-
     cluster = ray.cluster_resources()
     has_gpu = cluster.get("GPU", 0) > 0
-    if config.gpus_per_actor is not None:
-        gpus = config.gpus_per_actor
+    if spec.gpus_per_actor is not None:
+        gpus = spec.gpus_per_actor
     else:
-        gpus = 1.0 if has_gpu and config.device != "cpu" else 0.0
-    if config.device == "cuda" and gpus == 0:
+        gpus = 1.0 if has_gpu and spec.device != "cpu" else 0.0
+    if spec.device == "cuda" and gpus == 0:
         raise ConfigError(f"device=cuda needs gpus_per_actor > 0; the cluster has {cluster.get('GPU', 0):g} GPUs")
     if gpus > 0 and not has_gpu:
         raise ConfigError(f"gpus_per_actor={gpus:g}, but the Ray cluster has no GPU")
     node_cpus, total_cpus = largest_node_cpus(), cluster.get("CPU", 0.0)
-    spare = config.decode_cpus + WRITE_CPUS  # one decode and one write task beside the actors
-    if config.cpus_per_actor is not None:
-        cpus = config.cpus_per_actor
+    spare = spec.decode_cpus + WRITE_CPUS  # one decode and one write task beside the actors
+    if spec.cpus_per_actor is not None:
+        cpus = spec.cpus_per_actor
     elif gpus > 0 or node_cpus == 0:
         cpus = 1.0
     else:
         # Sized from the cluster's total, a 1- and a 2-CPU node were asked for 2.45 CPUs; with a
         # floor of 1 CPU, a 1-CPU node or two actors on 2 CPUs left decode nothing: both waited
         # forever.
-        cpus = round((node_cpus - spare) / config.actors[1], 2)
+        cpus = round((node_cpus - spare) / spec.actors[1], 2)
         if cpus <= 0:
             raise ConfigError(f"the Ray cluster's largest node has {node_cpus:g} CPUs: too few for an inference actor "
-                              f"beside a decode task ({option('decode_cpus', f'{config.decode_cpus:g}')})")
-        if cpus == config.decode_cpus:
+                              f"beside a decode task ({option('decode_cpus', f'{spec.decode_cpus:g}')})")
+        if cpus == spec.decode_cpus:
             cpus = round(cpus - 0.01, 2)  # must differ (below), or Ray fuses decode into the actor
-    if cpus == config.decode_cpus:
+    if cpus == spec.decode_cpus:
         raise ConfigError(
-            f"{option('cpus_per_actor')} ({cpus:g}) must differ from {option('decode_cpus')} ({config.decode_cpus:g}): "
+            f"{option('cpus_per_actor')} ({cpus:g}) must differ from {option('decode_cpus')} ({spec.decode_cpus:g}): "
             "with equal resources Ray fuses decode into the model actor and runs it serially there"
         )
-    if node_cpus > 0 and (cpus > node_cpus or config.actors[0] * cpus + spare > total_cpus + 1e-9):
-        problem = (f"the inference actors ({config.actors[0]} × {cpus:g} CPUs) "
+    if node_cpus > 0 and (cpus > node_cpus or spec.actors[0] * cpus + spare > total_cpus + 1e-9):
+        problem = (f"the inference actors ({spec.actors[0]} × {cpus:g} CPUs) "
                    + (f"fit no node of the Ray cluster (the largest has {node_cpus:g} CPUs)" if cpus > node_cpus else
-                      f"leave no CPU for decode tasks ({config.decode_cpus:g} each) on the cluster's "
+                      f"leave no CPU for decode tasks ({spec.decode_cpus:g} each) on the cluster's "
                       f"{total_cpus:g} CPUs"))
         fix = f"lower {option('cpus_per_actor')} or {option('actors')}, or {option('decode_cpus')}"
         if started_here():

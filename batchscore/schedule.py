@@ -14,13 +14,17 @@ drift figures (`batchscore.drift`).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import logging
 import threading
 import time
 from collections.abc import Iterable
 
-from batchscore.config import ConfigError, ScoreConfig
+from batchscore import drift, pipeline, plan
+from batchscore.config import ScoreConfig
+from batchscore.exceptions import ConfigError
+from batchscore.output import read_manifest
 
 log = logging.getLogger("batchscore")
 
@@ -66,8 +70,6 @@ def for_date(config: ScoreConfig, date: str | dt.date) -> ScoreConfig:
 def previous_partition(config: ScoreConfig, date: str | dt.date, lookback: int = LOOKBACK_DAYS) -> str | None:
     """The output of the nearest date before `date` (at most `lookback` days back) that holds
     a committed run, or None."""
-    from batchscore.output import read_manifest
-
     day = parse_date(date)
     for back in range(1, lookback + 1):
         candidate = config.output.format(date=(day - dt.timedelta(days=back)).isoformat())
@@ -88,21 +90,15 @@ def drift_of(cfg: ScoreConfig) -> dict | None:
     """The drift of the committed run in `cfg.output` against `cfg.baseline` (None when there
     is none: no committed partition in the `LOOKBACK_DAYS` before, or the job's baseline is
     gone since the run was checked, which is logged)."""
-    from batchscore import drift
-
     if not cfg.baseline:
         log.info("drift of %s: no committed partition in the %d days before", cfg.output, LOOKBACK_DAYS)
         return None
-    return drift.against(cfg.output, cfg.baseline, drift.Thresholds.from_config(cfg), required=False)
+    return drift.against(cfg.output, cfg.baseline, plan.drift_thresholds(cfg), required=False)
 
 
 def nightly(config: ScoreConfig, date: str | dt.date | None = None):
     """Scores one date (default: yesterday, UTC); returns the `RunResult`, with its drift
     against the previous committed partition (`result.drift`)."""
-    import dataclasses
-
-    from batchscore import pipeline
-
     day = parse_date(date or yesterday_utc())
     cfg = _with_baseline(config, day, for_date(config, day))
     result = pipeline.score(cfg)
@@ -126,9 +122,7 @@ def backfill(config: ScoreConfig, dates: Iterable[str | dt.date], parallel: int 
         error_rate_change, confidence_change, drift_flagged (the figures past their
         thresholds), drift (all figures, as `batchscore.drift.compare` returns them).
     """
-    import pandas as pd
-
-    from batchscore import pipeline
+    import pandas as pd  # lazy: pandas only for backfill's table
 
     days = sorted({parse_date(d) for d in dates})
     if parallel < 1:

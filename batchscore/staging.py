@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchscore import fs as fsutil
-from batchscore.output import STAGING, SinkError
+from batchscore.exceptions import SinkError
+from batchscore.output import STAGING
 
 RUN_INFO = "_run.json"
 LISTING_FOLDER = "_listing"

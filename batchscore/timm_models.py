@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from batchscore.checkpoint import ModelInfo, PreprocessSpec
+from batchscore.exceptions import ModelError
+
 # timm's `_NUM_CLASSES_TO_SUBSET`, and the tag word that names each set.
 _IMAGENET_SETS = {1000: ("in1k", "imagenet_synsets.txt"), 11821: ("in12k", "imagenet12k_synsets.txt"),
                   21841: ("in22k", "imagenet22k_synsets.txt"), 21843: ("in21k", "imagenet21k_goog_synsets.txt")}
@@ -50,9 +53,7 @@ def is_timm_config(config: dict) -> bool:
 def check_architecture(name, ref, where: str, what: str = "architecture") -> None:
     """A model name timm can build (`timm.is_model`, a pretrained tag allowed), else a
     `ModelError` with timm's closest names. Imports timm (and torch)."""
-    import timm
-
-    from batchscore.models import ModelError
+    import timm  # lazy: timm imports torch; only the timm and .npz layouts need it
 
     if isinstance(name, str) and name and timm.is_model(name):
         return
@@ -68,8 +69,6 @@ def check_config(config: dict, ref, where: str) -> None:
         ModelError: `pretrained_cfg` (the preprocessing) missing or not a mapping, or an
             architecture timm does not know.
     """
-    from batchscore.models import ModelError
-
     if "pretrained_cfg" not in config:
         raise ModelError(f"model {ref!r}: config.json in {where} has no 'pretrained_cfg' key, which holds the "
                          "model's preprocessing (input_size, interpolation, crop_pct, crop_mode, mean, std); "
@@ -126,8 +125,6 @@ def folder_labels(config: dict, ref, where: str) -> tuple[str, ...]:
     Raises:
         ModelError: a head without label names anywhere.
     """
-    from batchscore.models import ModelError
-
     n = num_classes(config)
     if n == 0:
         return ()
@@ -166,9 +163,7 @@ def preprocess_from_cfg(pretrained_cfg: dict, where: str):
     """A `PreprocessSpec` equal to timm's eval transform (`resolve_data_config` +
     `create_transform`): resize to floor(size / crop_pct) (shortest edge for `center`, both
     sides for `squash`), centre crop with torchvision's rounded offsets, x/255, mean, std."""
-    from timm.data import resolve_data_config
-
-    from batchscore.models import ModelError, PreprocessSpec
+    from timm.data import resolve_data_config  # lazy: timm imports torch
 
     data = resolve_data_config(pretrained_cfg=pretrained_cfg)
     _, h, w = (int(v) for v in data["input_size"])
@@ -227,8 +222,6 @@ def npz_architecture(shapes: dict[str, tuple[int, ...]], ref, where: str, model_
             missing array), an array of another shape than the architecture's (naming both),
             or a `model_arch` timm does not know or that is no VisionTransformer.
     """
-    from batchscore.models import ModelError
-
     def refuse(what: str):
         return ModelError(f"model {ref!r}: {where} is not a vision_transformer ViT .npz: {what}")
 
@@ -320,10 +313,8 @@ def vit_dims(model_arch: str, ref, where: str) -> dict:
     Raises:
         ModelError: an architecture timm does not know, or one that is no plain VisionTransformer.
     """
-    import timm
+    import timm  # lazy: timm and torch only where a model_arch is built
     import torch
-
-    from batchscore.models import ModelError
 
     check_architecture(model_arch, ref, f"the job (for {where})", what="model_arch")
     try:
@@ -349,8 +340,6 @@ def npz_head_is_zero(path: Path, prefix: str) -> bool:
 
 def npz_labels(path: Path, classes: int, ref) -> tuple[str, ...]:
     """`<stem>.labels.txt` beside the file (one label a line), else the ImageNet set of that size."""
-    from batchscore.models import ModelError
-
     sidecar = path.with_name(f"{path.stem}.labels.txt")
     if sidecar.is_file():
         labels = tuple(line.strip() for line in sidecar.read_text().splitlines() if line.strip())
@@ -365,30 +354,27 @@ def npz_labels(path: Path, classes: int, ref) -> tuple[str, ...]:
 
 def npz_preprocess(img_size: int):
     """The vision_transformer README's: resize to the model's size (no crop), mean and std 0.5."""
-    from batchscore.models import PreprocessSpec
-
     return PreprocessSpec(size=(img_size, img_size), shortest_edge=None, interpolation="bilinear", crop=None,
                           rescale_factor=1 / 255, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 # -- loading (in the actors) -------------------------------------------------------------------
 
-def build(model) -> tuple[object, object | None]:
-    """(the timm model with the checkpoint's weights, an npz pre-logits pooler or None), on the CPU.
+def build(model: ModelInfo, path: str) -> tuple[object, object | None]:
+    """(the timm model with the checkpoint's weights, an npz pre-logits pooler or None), on the CPU;
+    `path` is the checkpoint on this node (`models.local_path`): the folder, or the .npz file.
 
     Raises:
         RuntimeError: a weight of the architecture is missing from the checkpoint, or the
             checkpoint holds weights the architecture does not (it would be scored wrongly).
     """
-    import timm
+    import timm  # lazy: timm and torch only in the inference actors
     import torch
 
-    from batchscore.models import local_path
-
-    path = Path(local_path(model))
+    path = Path(path)
     args = json.loads(model.model_args)
     if model.layout == "timm":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: imports torch
 
         net = timm.create_model(model.architecture, pretrained=False, **args)
         result = net.load_state_dict(load_file(path / model.weights_file), strict=False)

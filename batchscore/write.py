@@ -32,6 +32,7 @@ from batchscore import evaluation
 from batchscore import fs as fsutil
 from batchscore import output
 from batchscore.budget import EXAMPLES
+from batchscore.exceptions import SinkError
 from batchscore.staging import PART_STATS_KEY, staging_dir
 
 
@@ -80,7 +81,7 @@ def put_part(fs, folder: str, run_id: str, table: pa.Table, stats: dict) -> dict
             pq.write_table(table.replace_schema_metadata(metadata), f, row_group_size=max(1, table.num_rows))
             stats["bytes"] = f.tell()
     except Exception as e:
-        raise output.SinkError(f"writing part {folder}/{name}: {type(e).__name__}: {e}") from e
+        raise SinkError(f"writing part {folder}/{name}: {type(e).__name__}: {e}") from e
     return stats
 
 
@@ -96,15 +97,15 @@ def conform(batch: pa.Table, spec: PartSpec) -> tuple[pa.Table, dict]:
     schema = output.schema_for(spec.task, spec.passthrough, spec.embed_dim, spec.embed_dtype)
     missing = [n for n in schema.names if n not in table.column_names]
     if missing:
-        raise output.SinkError(f"output batch lacks column(s) {missing}; expected {schema.names}, got {table.column_names}")
+        raise SinkError(f"output batch lacks column(s) {missing}; expected {schema.names}, got {table.column_names}")
     try:
         table = table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise output.SinkError(f"output batch does not match {output.schema_name(spec.task)}: expected {schema}, "
+        raise SinkError(f"output batch does not match {output.schema_name(spec.task)}: expected {schema}, "
                                f"got {table.schema}: {e}") from e
     for f in schema:
         if not f.nullable and table.column(f.name).null_count:
-            raise output.SinkError(f"column {f.name!r} must not be null, but {table.column(f.name).null_count} rows are")
+            raise SinkError(f"column {f.name!r} must not be null, but {table.column(f.name).null_count} rows are")
     return table, statistics(table, metas, spec.containers, spec.evaluate)
 
 

@@ -1,4 +1,4 @@
-"""Whole-command seconds of `batchscore score` on 1, 10 and 360 demo images (issue 16).
+"""Whole-command seconds of `batchscore score` on 1, 10 and 360 demo images.
 
     .venv/bin/python bench/startup.py                      # 1, 10, 360 images, once each
     .venv/bin/python bench/startup.py --counts 10 --repeat 3
@@ -14,7 +14,7 @@ stdout and stderr. Per run it prints:
 - summary: to the `committed run` line on stdout;
 - exit after summary: from that line to the process's exit (Ray's shutdown, interpreter exit).
 
-Goal on the 2-core machine (issue 16): 10 images in <= 10 s whole, first row <= 5 s,
+Goal on the 2-core machine: 10 images in <= 10 s whole, first row <= 5 s,
 exit <= 2 s after the summary. docs/benchmarks.md holds the figures.
 """
 

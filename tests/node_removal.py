@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from batchscore import pipeline, runtime
+from batchscore import pipeline, plan, runtime
 from batchscore.config import ScoreConfig
 from batchscore.runtime import loopback_only
 
@@ -50,7 +50,7 @@ def main(inputs: str, output: str, checkpoint: str, result_json: str) -> None:
     head = ray.get_runtime_context().get_node_id()
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     # The default actor size on this cluster (4 CPUs, none on one node beyond 2): what one node holds.
-    default_actor_cpus = runtime.actor_resources(ScoreConfig(input=(inputs,), output=output, model=checkpoint)).cpus
+    default_actor_cpus = runtime.actor_resources(plan.actor_spec(ScoreConfig())).cpus
     try:
         config = ScoreConfig(input=(inputs,), output=output, model=checkpoint, dtype="fp32", top_k=3, batch_size=8,
                              actors=(2, 2), cpus_per_actor=1.5, decode_cpus=0.5, decode_batch_size=8, rows_per_file=8)

@@ -15,6 +15,7 @@ from conftest import small_photos
 from PIL import Image
 
 from batchscore import decode, models, pipeline
+from batchscore.checkpoint import PreprocessSpec
 from batchscore.config import ScoreConfig
 
 
@@ -201,7 +202,7 @@ def test_bombs_are_refused_without_growing_the_worker_s_memory(ray_session, real
         # (VmHWM) from now, Linux's clear_refs, so only this task's decoding counts.
         open("/proc/self/clear_refs", "w").write("5")
         before = status("VmRSS:")
-        spec = models.PreprocessSpec(size=(224, 224), shortest_edge=None, interpolation="bilinear", crop=None,
+        spec = PreprocessSpec(size=(224, 224), shortest_edge=None, interpolation="bilinear", crop=None,
                                      rescale_factor=1 / 255, mean=None, std=None)
         batch = {"id": np.array(list(files), dtype=object), "data": np.array(list(files.values()), dtype=object),
                  "error": np.array([""] * len(files), dtype=object), "meta": np.array(["{}"] * len(files), dtype=object)}

@@ -12,9 +12,10 @@ import time
 import pytest
 
 from batchscore import pipeline
-from batchscore.budget import ErrorBudget, ErrorBudgetExceeded
+from batchscore.budget import ErrorBudget
 from batchscore.cli import EXIT_BUDGET, _exit_code
 from batchscore.config import ScoreConfig
+from batchscore.exceptions import ErrorBudgetExceeded
 
 
 @pytest.fixture()

@@ -9,6 +9,7 @@ import pytest
 
 from batchscore import commit, staging, write
 from batchscore import output as sink
+from batchscore.exceptions import SinkError
 
 
 class Staged:
@@ -78,13 +79,13 @@ def test_success_naming_a_run_without_its_manifest_is_an_error(tmp_path):
     w = run(out, "run-a", ["x"])
     w.commit()
     (out / "_SUCCESS").write_text("run-b\n")
-    with pytest.raises(sink.SinkError, match="names run 'run-b' but no manifest of that run"):
+    with pytest.raises(SinkError, match="names run 'run-b' but no manifest of that run"):
         sink.read_manifest(str(out))
 
 
 def test_nothing_committed_reads_as_none(tmp_path):
     assert sink.read_manifest(str(tmp_path / "empty")) is None
-    with pytest.raises(sink.SinkError, match="no committed run"):
+    with pytest.raises(SinkError, match="no committed run"):
         sink.read_committed(str(tmp_path / "empty"))
 
 
@@ -113,8 +114,8 @@ def test_read_committed_refuses_a_missing_or_changed_part(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pq.read_table(second).slice(0, 0), second)
-    with pytest.raises(sink.SinkError, match=rf"part {second.name} holds 0 rows, its run's manifest says 1"):
+    with pytest.raises(SinkError, match=rf"part {second.name} holds 0 rows, its run's manifest says 1"):
         sink.read_committed(str(out))
     first.unlink()
-    with pytest.raises(sink.SinkError, match=rf"lists part {first.name}, which is missing"):
+    with pytest.raises(SinkError, match=rf"lists part {first.name}, which is missing"):
         sink.read_committed(str(out))

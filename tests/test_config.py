@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from batchscore.cli import build_parser, config_from_args
-from batchscore.config import ConfigError, ScoreConfig, field_names
+from batchscore.config import ScoreConfig, field_names
+from batchscore.exceptions import ConfigError
 
 ROOT = Path(__file__).parent.parent
 SCHEMA = json.loads((ROOT / "schemas" / "job.schema.json").read_text())
@@ -49,7 +50,7 @@ def test_yaml_then_flags_override(tmp_path):
     job.write_text("input: [a, b]\noutput: out\ntop_k: 3\nactors: [1, 2]\n")
     args = build_parser().parse_args(["score", "--config", str(job), "--top-k", "7", "--actors", "2,4"])
     cfg = config_from_args(args)
-    # from the file; relative paths in a job file are relative to its folder (issue 16)
+    # from the file; relative paths in a job file are relative to its folder
     assert cfg.input == (str(tmp_path / "a"), str(tmp_path / "b")) and cfg.output == str(tmp_path / "out")
     assert cfg.top_k == 7 and cfg.actors == (2, 4)  # flags win
     assert cfg.batch_size is None  # default: measured by the actor

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from batchscore import decode, models
+from batchscore.checkpoint import PreprocessSpec
 from batchscore.decode import DecodeError, decode_batch, decode_one
-from batchscore.models import PreprocessSpec
 
 from conftest import make_checkpoint, real_photo_paths
 

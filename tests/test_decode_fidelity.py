@@ -26,7 +26,8 @@ from conftest import real_photo_paths
 from PIL import Image
 
 from batchscore import ScoreConfig, decode, formats, listing, pipeline
-from batchscore.models import PreprocessSpec
+from batchscore.checkpoint import PreprocessSpec
+from batchscore.plan import listing_spec
 
 BIG_W, BIG_H = 11648, 8736  # a 100-megapixel medium-format camera frame (101.8 MP)
 
@@ -185,7 +186,7 @@ def test_formats_setting_narrows_and_widens_the_allowlist(tmp_path):
     # listing takes the endings of the allowed formats, case-insensitive, .mpo included
     for name in ("a.JPG", "b.mpo", "c.heic", "d.avif", "e.ppm"):
         (tmp_path / name).write_bytes(jpeg)
-    listed = lambda **kw: sorted(Path(e.id).name for e in listing.list_inputs(ScoreConfig(input=(str(tmp_path),), **kw)))  # noqa: E731
+    listed = lambda **kw: sorted(Path(e.id).name for e in listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path),), **kw))))  # noqa: E731
     assert listed() == ["a.JPG", "b.mpo", "c.heic", "d.avif"]
     assert listed(formats=formats.DEFAULT_FORMATS + ("PPM",)) == ["a.JPG", "b.mpo", "c.heic", "d.avif", "e.ppm"]
     assert listed(formats=("JPEG",)) == ["a.JPG"]
@@ -263,7 +264,7 @@ _PEAK_SCRIPT = """
 import io, sys
 from PIL import Image
 from batchscore import decode
-from batchscore.models import PreprocessSpec
+from batchscore.checkpoint import PreprocessSpec
 data = open(sys.argv[1], "rb").read()
 spec = PreprocessSpec(size=(224, 224), shortest_edge=None, interpolation="bilinear", crop=None,
                       rescale_factor=1 / 255, mean=(0.5,) * 3, std=(0.5,) * 3)

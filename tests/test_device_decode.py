@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from batchscore import decode, device_decode, models, predict
-from batchscore.config import ConfigError
+from batchscore.checkpoint import PreprocessSpec
+from batchscore.exceptions import ConfigError
 from batchscore.feed import FeedOptions
 
 from conftest import PREPROCESSOR
@@ -22,7 +23,7 @@ BIG = 10**9
 
 
 @pytest.fixture(scope="module")
-def specs(tmp_path_factory) -> dict[str, models.PreprocessSpec]:
+def specs(tmp_path_factory) -> dict[str, PreprocessSpec]:
     """The published preprocessing of ViT (resize 224 bilinear) and DeiT (256 bicubic, crop 224)."""
     out = {}
     wide = {**PREPROCESSOR["vit"], "size": {"height": 40, "width": 64}}  # not square: orientation shows
@@ -76,11 +77,11 @@ def test_model_outputs_of_both_paths_agree(photos, checkpoints):
     info = models.resolve(str(checkpoints["vit"]))
     files = {p.name: p.read_bytes() for p in sorted(photos.iterdir())}
     batch = batch_of(files)
-    plain = predict.Predictor(info, "cpu", "fp32", top_k=0, batch_size=4)
+    plain = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=0, batch_size=4))
     pixels = decode.decode_batch(batch, spec=info.preprocess, max_image_pixels=BIG)
     ref = plain(pixels).to_pylist()
-    ours_actor = predict.Predictor(info, "cpu", "fp32", top_k=0, batch_size=4,
-                                   feeding=FeedOptions(decode_on_device=True, max_image_pixels=BIG))
+    ours_actor = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=0, batch_size=4,
+                                   feeding=FeedOptions(decode_on_device=True, max_image_pixels=BIG)))
     ours = ours_actor(device_decode.check_batch(batch, spec=info.preprocess, max_image_pixels=BIG)).to_pylist()
     assert [r["id"] for r in ours] == [r["id"] for r in ref] == list(files)
     worst = 0.0

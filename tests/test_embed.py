@@ -1,4 +1,4 @@
-"""Embeddings, timm checkpoints and vision_transformer .npz files (issue 17), against the
+"""Embeddings, timm checkpoints and vision_transformer .npz files, against the
 libraries themselves: transformers for a headless ViT, timm for its own layouts.
 
 Every checkpoint is a tiny random-init model made here (width 32, 2 layers); nothing is
@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore import ScoreConfig, decode, models, output, pipeline, predict, timm_models
+from batchscore.checkpoint import ModelInfo, PreprocessSpec
+from batchscore.exceptions import ModelError
 
 from conftest import LABELS
 
@@ -49,7 +51,7 @@ def headless(session_tmp) -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def decoded(files: tuple[Path, ...], spec: models.PreprocessSpec) -> dict:
+def decoded(files: tuple[Path, ...], spec: PreprocessSpec) -> dict:
     """batchscore's decode of `files` (once per preprocessing: the 2822 px mosaic takes a while)."""
     n = len(files)
     batch = {"id": np.array([f.name for f in files], dtype=object),
@@ -58,10 +60,10 @@ def decoded(files: tuple[Path, ...], spec: models.PreprocessSpec) -> dict:
     return decode.decode_batch(batch, spec=spec, max_image_pixels=ScoreConfig().max_image_pixels)
 
 
-def in_process(files: list[Path], model: models.ModelInfo, dtype: str = "fp32", **settings) -> pa.Table:
+def in_process(files: list[Path], model: ModelInfo, dtype: str = "fp32", **settings) -> pa.Table:
     """batchscore's decode and predict functions on `files`, without Ray."""
-    task = models.task_spec(ScoreConfig(**settings), model)
-    table = predict.Predictor(model, "cpu", dtype, top_k=0, batch_size=16, task=task)(
+    task = models.task_spec(model, **settings)
+    table = predict.Predictor(model, predict.PredictSpec("cpu", dtype, top_k=0, batch_size=16, task=task))(
         decoded(tuple(files), model.preprocess))
     assert table.column("error").null_count == len(files), table.column("error").to_pylist()
     return table
@@ -92,7 +94,7 @@ def test_headless_vit_embeds_like_transformers(headless, photos):
     model = models.resolve(str(headless))
     assert not model.has_head and model.has_pooler
     assert models.task_for("auto", model) == "embed"
-    with pytest.raises(models.ModelError, match="headless"):
+    with pytest.raises(ModelError, match="headless"):
         models.task_for("classify", model)
 
     proc = tf.ViTImageProcessor.from_pretrained(str(headless))
@@ -153,8 +155,8 @@ def test_classify_plus_embed_is_one_pass_with_unchanged_probabilities(checkpoint
     assert vectors(both).shape == (len(files), 32)
 
     # one forward pass: the encoder runs once per chunk, not once for the logits and once more
-    predictor = predict.Predictor(model, "cpu", "fp32", top_k=3, batch_size=4,
-                                  task=models.task_spec(ScoreConfig(task="classify+embed"), model))
+    predictor = predict.Predictor(model, predict.PredictSpec("cpu", "fp32", top_k=3, batch_size=4,
+                                  task=models.task_spec(model, "classify+embed")))
     calls = []
     predictor.net.base_model.register_forward_hook(lambda *a: calls.append(1))
     with torch.inference_mode():
@@ -353,7 +355,7 @@ def test_headless_npz_gives_embeddings(npz_files, photos):
 def test_npz_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "evil.npz"
     np.savez(path, **{"embedding/kernel": np.array([object()], dtype=object)})
-    with pytest.raises(models.ModelError, match="pickle"):
+    with pytest.raises(ModelError, match="pickle"):
         models.check(str(path))
 
 
@@ -379,15 +381,15 @@ def timm_tiny_folder(path: Path, classes: int, width: int = 48) -> Path:
 
 @pytest.mark.parametrize("task,classes", [("auto", 0), ("classify+embed", len(LABELS))])
 def test_timm_folder_embeds_with_the_checkpoints_width(tmp_path, task, classes):
-    """Review bug: the width came only from config.json's num_features (0 when absent), so a
-    timm folder logged `dim 0` and every batch died in the actor."""
+    """The embedding width comes from the checkpoint's weights (its head's input), not only from
+    config.json's num_features, which may be absent."""
     import timm
     import torch
     from safetensors.torch import load_file
 
     folder = timm_tiny_folder(tmp_path / "timm", classes)
     model = models.resolve(str(folder))
-    spec = models.task_spec(ScoreConfig(task=task), model)
+    spec = models.task_spec(model, task)
     assert (spec.task, spec.pool, spec.dim) == ("classify+embed" if classes else "embed", "pooler", 48)
     if classes:  # a classifier's width from its head weight alone, whatever config.json says
         assert timm_models.folder_dims({"pretrained_cfg": {"classifier": "head"}},
@@ -396,7 +398,7 @@ def test_timm_folder_embeds_with_the_checkpoints_width(tmp_path, task, classes):
     pixels = np.random.default_rng(1).integers(0, 256, (3, 3, 224, 224), dtype=np.uint8)
     batch = {"id": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
              "error": np.array(["", "", ""], dtype=object), "meta": np.array(["", "", ""], dtype=object)}
-    table = predict.Predictor(model, "cpu", "fp32", top_k=2, batch_size=4, task=spec)(batch)
+    table = predict.Predictor(model, predict.PredictSpec("cpu", "fp32", top_k=2, batch_size=4, task=spec))(batch)
     ours = vectors(table)
 
     net = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=48, depth=1, num_heads=2,
@@ -434,42 +436,41 @@ def npz_like(path: Path, dst: Path, **changes) -> Path:
 
 
 def test_npz_arrays_are_checked_against_the_architecture(plain_npz, tmp_path):
-    """Review bugs: a random .npz raised KeyError (exit 4); one wrong-shaped array passed check
-    and failed in the actors. Now `check` (before Ray) names the array and both shapes."""
+    """A random .npz, or one wrong-shaped array, is refused by `check` (before Ray), naming the
+    array and both shapes."""
     assert models.check(str(plain_npz)).headless
     model = models.resolve(str(plain_npz))
-    assert models.task_spec(ScoreConfig(), model).dim == 32
+    assert models.task_spec(model).dim == 32
 
     random = tmp_path / "random.npz"
     np.savez(random, **{"embedding/kernel": np.zeros((16, 16, 3, 32), np.float32),
                         "Transformer/posembed_input/pos_embedding": np.zeros((1, 197, 32), np.float32),
                         "foo": np.zeros(3, np.float32)})
-    with pytest.raises(models.ModelError, match=r"not a vision_transformer ViT \.npz: missing array "
+    with pytest.raises(ModelError, match=r"not a vision_transformer ViT \.npz: missing array "
                                                 r"'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"):
         models.check(str(random))
 
     mlp = "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
     wrong = npz_like(plain_npz, tmp_path / "wrong.npz", **{mlp: np.zeros((32, 99), np.float32)})
-    with pytest.raises(models.ModelError, match=rf"array '{mlp}' has shape \(32, 99\), but the ViT its arrays imply "
+    with pytest.raises(ModelError, match=rf"array '{mlp}' has shape \(32, 99\), but the ViT its arrays imply "
                                                 r"\(width 32, 2 blocks, 2 heads of 16, MLP 64, patch 16\) expects "
                                                 r"\(32, 64\)"):
         models.check(str(wrong))
     gone = npz_like(plain_npz, tmp_path / "gone.npz", **{"Transformer/encoderblock_1/LayerNorm_2/bias": None})
-    with pytest.raises(models.ModelError, match="missing array 'Transformer/encoderblock_1/LayerNorm_2/bias'"):
+    with pytest.raises(ModelError, match="missing array 'Transformer/encoderblock_1/LayerNorm_2/bias'"):
         models.check(str(gone))
 
     # model_arch: its shapes are timm's (patch and position embeddings resampled by timm's loader)
-    with pytest.raises(models.ModelError, match=r"array 'embedding/kernel' has shape \(16, 16, 3, 32\), but "
+    with pytest.raises(ModelError, match=r"array 'embedding/kernel' has shape \(16, 16, 3, 32\), but "
                                                 r"model_arch vit_tiny_patch16_224 .* expects \(\*, \*, 3, 192\)"):
         models.check(str(plain_npz), model_arch="vit_tiny_patch16_224")
-    with pytest.raises(models.ModelError, match="did you mean 'vit_tiny_patch16_224'"):
+    with pytest.raises(ModelError, match="did you mean 'vit_tiny_patch16_224'"):
         models.check(str(plain_npz), model_arch="vit_tiny_patch16_244")
 
 
 def test_bad_timm_and_npz_checkpoints_fail_validate_with_exit_2(plain_npz, tmp_path, capsys):
-    """Review bugs: no pretrained_cfg (timm's AssertionError in the actors), an architecture timm
-    does not know (the actors died after ~100 s), a random .npz (exit 4, KeyError): `validate`
-    said ok or crashed. Each is now a ModelError of `check`, exit 2, before Ray."""
+    """No pretrained_cfg, an architecture timm does not know, a random .npz: each is a
+    ModelError of `check`, exit 2 from `validate`, before Ray (not an actor dying after it)."""
     from batchscore import cli
 
     good = timm_tiny_folder(tmp_path / "good", 0)
@@ -495,7 +496,7 @@ def test_bad_timm_and_npz_checkpoints_fail_validate_with_exit_2(plain_npz, tmp_p
                              "'vit_tiny_patch16_224'",
                 random: r"not a vision_transformer ViT \.npz: missing array 'Transformer/encoderblock_0/"}
     for model, message in expected.items():
-        with pytest.raises(models.ModelError, match=message):
+        with pytest.raises(ModelError, match=message):
             models.check(str(model))
         capsys.readouterr()
         code = cli.main(["validate", "--input", str(inputs), "--model", str(model), "--output", str(tmp_path / "o")])
@@ -572,7 +573,7 @@ def test_embedding_column_reads_back_without_ray(ray_session, headless, photos, 
     from batchscore import report  # `batchscore inspect` on an embeddings output
 
     text = report.format_report(report.inspect_output(str(out)))
-    # review bug: an embed-only run printed an empty "top-1 labels (0 distinct):" and no task
+    # an embed-only run says its task and has no empty "top-1 labels (0 distinct):" section
     assert "task: embed (pool pooler, dim 32, float32, L2-normalised)" in text and "top-1 labels" not in text, text
 
 

@@ -1,4 +1,4 @@
-"""Fast feedback (issue 16): a bad job fails before Ray starts, in about a second, with its
+"""Fast feedback: a bad job fails before Ray starts, in about a second, with its
 exit code and a message saying what and where; `validate` runs the same checks; the CLI's
 small sharp edges (repeated flags, closed pipes, `inspect` without a run, `--help`).
 
@@ -25,8 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore import cli, listing, models
-from batchscore.config import ConfigError, ScoreConfig
-from batchscore.models import DEMO_CHECKPOINT, ModelError
+from batchscore.config import ScoreConfig
+from batchscore.exceptions import ConfigError, ListingError, ModelError
+from batchscore.models import DEMO_CHECKPOINT
+from batchscore.plan import listing_spec
 
 ROOT = Path(__file__).parent.parent
 SAMPLES = ROOT / "batchscore" / "demo" / "samples"
@@ -96,20 +98,43 @@ def _mistyped_key(tmp):
     return ["--config", job], r"unknown key\(s\) 'topk' \(did you mean 'top_k'\?\); valid keys are: input, "
 
 
+def _thresholds_for_softmax(tmp):
+    thresholds = tmp / "t.yaml"
+    thresholds.write_text("7: 0.3\n")
+    return ["--thresholds", thresholds], rf"thresholds: {thresholds} sets per-label thresholds, but the checkpoint is single-label"
+
+
+def _missing_labels_file(tmp):
+    return ["--label-source", tmp / "labels.csv"], rf"label_source: cannot read labels file {tmp}/labels.csv"
+
+
+def _baseline_without_a_run(tmp):
+    return ["--baseline", tmp / "yesterday"], rf"baseline {tmp}/yesterday: no committed run there"
+
+
 @pytest.mark.parametrize("case", [_missing_model, _no_preprocessor, _pickle_only, _missing_input, _wrong_format,
-                                  _header_only_manifest, _passthrough_on_images, _mistyped_key],
+                                  _header_only_manifest, _passthrough_on_images, _mistyped_key,
+                                  _thresholds_for_softmax, _missing_labels_file, _baseline_without_a_run],
                          ids=lambda f: f.__name__.lstrip("_"))
-def test_bad_job_fails_before_ray_with_exit_2(tmp_path, case):
+def test_bad_job_fails_before_ray_with_exit_2_and_validate_refuses_it_alike(tmp_path, case):
+    """`score` refuses a bad job before Ray (exit 2, one ERROR line, nothing written), and
+    `validate` refuses the same job with the same line: both run `plan.preflight`."""
     args, message = case(tmp_path)
     out = tmp_path / "out"
     base = {"--input": str(SAMPLES), "--output": str(out)}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = str(value)
-    proc, seconds = batchscore("score", *[x for kv in base.items() for x in kv], cwd=tmp_path)
+    flags = [x for kv in base.items() for x in kv]
+    proc, seconds = batchscore("score", *flags, cwd=tmp_path)
     print(f"FIGURE seconds to error, score {case.__name__.lstrip('_')}: {seconds:.2f}s (exit {proc.returncode})")
     assert proc.returncode == cli.EXIT_BAD_JOB, proc.stderr
-    assert re.search(message, error_line(proc.stderr)), proc.stderr
+    refused = error_line(proc.stderr)
+    assert re.search(message, refused), proc.stderr
     assert not out.exists(), "nothing may be staged or written for a bad job"
+    checked, _ = batchscore("validate", *flags, cwd=tmp_path)
+    assert checked.returncode == cli.EXIT_BAD_JOB and checked.stdout == "", checked.stderr
+    assert error_line(checked.stderr).split(" ERROR ", 1)[1] == refused.split(" ERROR ", 1)[1]
+    assert not out.exists()
 
 
 def test_empty_jsonl_and_parquet_manifests_are_listing_errors(tmp_path):
@@ -117,8 +142,8 @@ def test_empty_jsonl_and_parquet_manifests_are_listing_errors(tmp_path):
     pq.write_table(pa.table({"uri": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     for name, fmt in (("empty.jsonl", "auto"), ("empty.parquet", "manifest")):
         config = ScoreConfig(input=(str(tmp_path / name),), output="o", input_format=fmt)
-        with pytest.raises(listing.ListingError, match=rf"manifest {tmp_path / name}: has no rows"):
-            listing.list_inputs(config)
+        with pytest.raises(ListingError, match=rf"manifest {tmp_path / name}: has no rows"):
+            listing.list_inputs(listing_spec(config))
 
 
 # -- models.check ---------------------------------------------------------------------------
@@ -198,7 +223,8 @@ def test_validate_fails_on_a_missing_model_and_a_missing_input(tmp_path):
     assert f"validate: inputs: FAILED: input '{tmp_path}/nope': no such file or directory" in proc.stderr
     assert f"validate: model: FAILED: model '{tmp_path}/nomodel': expected a local" in proc.stderr
     assert "validate: 2 check(s) FAILED" in proc.stderr
-    assert "ListingError: input" in error_line(proc.stderr)
+    # the first failure is raised, as `score` raises it: the checkpoint is checked first (milliseconds)
+    assert "ModelError: model" in error_line(proc.stderr)
 
 
 def test_validate_lists_repeated_inputs(tmp_path, capsys):
@@ -252,11 +278,11 @@ def test_job_file_paths_are_relative_to_the_job_file(tmp_path, monkeypatch, caps
 
     # a missing input says where it looked
     (jobs / "typo.yaml").write_text("input: [../imagez]\noutput: ../scores\n")
-    with pytest.raises(listing.ListingError, match=rf"input '{project}/imagez': no such file or directory"):
-        listing.list_inputs(ScoreConfig.from_yaml(jobs / "typo.yaml"))
-    with pytest.raises(listing.ListingError, match=rf"input 'imagez': no such file or directory "
+    with pytest.raises(ListingError, match=rf"input '{project}/imagez': no such file or directory"):
+        listing.list_inputs(listing_spec(ScoreConfig.from_yaml(jobs / "typo.yaml")))
+    with pytest.raises(ListingError, match=rf"input 'imagez': no such file or directory "
                                                    rf"\(looked for {elsewhere}/imagez\)"):
-        listing.list_inputs(ScoreConfig(input=("imagez",), output="o"))
+        listing.list_inputs(listing_spec(ScoreConfig(input=("imagez",), output="o")))
 
 
 def test_shipped_demo_job_reads_the_demo_from_any_folder(tmp_path, monkeypatch):
@@ -283,11 +309,11 @@ def test_passthrough_is_refused_for_plain_images(tmp_path):
     with pytest.raises(ConfigError, match=r"passthrough \['cls'\] refused: passthrough applies to manifest and "
                                           r"Parquet columns and tar members, but input_format is files"):
         ScoreConfig(input=(str(SAMPLES),), output="o", input_format="files", passthrough=("cls",))
-    with pytest.raises(listing.ListingError, match="are plain image files"):
-        listing.list_inputs(ScoreConfig(input=(str(SAMPLES / "digit-0000.png"),), output="o", passthrough=("cls",)))
+    with pytest.raises(ListingError, match="are plain image files"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(SAMPLES / "digit-0000.png"),), output="o", passthrough=("cls",))))
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"uri,label\n{SAMPLES / 'digit-0000.png'},zero\n")
-    (entry,) = listing.list_inputs(ScoreConfig(input=(str(manifest),), output="o", passthrough=("label",)))
+    (entry,) = listing.list_inputs(listing_spec(ScoreConfig(input=(str(manifest),), output="o", passthrough=("label",))))
     assert entry.passthrough == {"label": "zero"}
 
 
@@ -443,7 +469,7 @@ def test_ctrl_c_after_the_commit_keeps_the_committed_result(tmp_path, ray_sessio
     exits 0), instead of "stopped: nothing committed"."""
     from batchscore import pipeline, report
 
-    def interrupted(config):
+    def interrupted(*args):
         raise stop
 
     monkeypatch.setattr(report, "after_commit", interrupted)

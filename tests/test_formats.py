@@ -18,6 +18,8 @@ import pytest
 
 from batchscore import listing, pipeline
 from batchscore.config import ScoreConfig
+from batchscore.exceptions import ListingError
+from batchscore.plan import listing_spec
 
 from conftest import put
 
@@ -93,7 +95,7 @@ def test_parquet_with_image_bytes_on_s3(ray_session, tmp_path, images, checkpoin
         put(f"s3://bs-formats/pq/{name}", buf.getvalue())
     config = ScoreConfig(input=("s3://bs-formats/pq/",), output=str(tmp_path / "out"), model=str(checkpoints["vit"]),
                          id_column="key", passthrough=("label",), decode_batch_size=3, max_error_fraction=1.0)
-    entries = listing.list_inputs(config)
+    entries = listing.list_inputs(listing_spec(config))
     assert [(e.kind, e.rows) for e in entries] == [("parquet", 5), ("parquet", 2)]
     rows = by_id(pipeline.score(config))
     assert set(rows) == {"a", "b", "c", "d", "s3://bs-formats/pq/part-0.parquet#4", "e", "f"}
@@ -136,11 +138,11 @@ def test_manifest_formats_list_the_same_entries(tmp_path, photos, fmt):
     else:
         pq.write_table(pa.Table.from_pylist(rows), target)
     (tmp_path / "chelsea.png").write_bytes((photos / "chelsea.png").read_bytes())
-    entries = listing.list_inputs(ScoreConfig(input=(str(target),), uri_column="path", passthrough=("y",)))
+    entries = listing.list_inputs(listing_spec(ScoreConfig(input=(str(target),), uri_column="path", passthrough=("y",))))
     assert [(e.uri, e.passthrough) for e in entries] == [
         (str(photos / "coffee.png"), {"y": None}), (f"{tmp_path}/chelsea.png", {"y": "1"})]
-    with pytest.raises(listing.ListingError, match=r"expected column\(s\) \['uri'\]"):
-        listing.list_inputs(ScoreConfig(input=(str(target),), input_format="manifest"))
+    with pytest.raises(ListingError, match=r"expected column\(s\) \['uri'\]"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(target),), input_format="manifest")))
 
 
 def test_azureml_request_files(ray_session, tmp_path, images, checkpoints, http_server):
@@ -164,10 +166,10 @@ def test_azureml_request_files(ray_session, tmp_path, images, checkpoints, http_
 def test_format_detection(tmp_path, photos):
     (tmp_path / "a.tar").write_bytes(tar_bytes([("x.jpg", b"")]))
     (tmp_path / "notes.txt").write_text("x")
-    assert {e.kind for e in listing.list_inputs(ScoreConfig(input=(str(tmp_path),)))} == {"tar"}
+    assert {e.kind for e in listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path),))))} == {"tar"}
     (tmp_path / "b.png").write_bytes((photos / "chelsea.png").read_bytes())
-    entries = listing.list_inputs(ScoreConfig(input=(str(tmp_path),)))  # images win; the tar is skipped, logged
+    entries = listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path),))))  # images win; the tar is skipped, logged
     assert [e.uri.rsplit("/", 1)[-1] for e in entries] == ["b.png"]
     pq.write_table(pa.table({"other": [1]}), tmp_path / "t.parquet")
-    with pytest.raises(listing.ListingError, match="cannot tell the input format"):
-        listing.list_inputs(ScoreConfig(input=(str(tmp_path / "t.parquet"),)))
+    with pytest.raises(ListingError, match="cannot tell the input format"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path / "t.parquet"),))))

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from batchscore import image_processors, models
+from batchscore.exceptions import ModelError
 from conftest import PREPROCESSOR
 
 CASES = {
@@ -162,7 +163,7 @@ def test_unreadable_preprocessing_fails_at_check_before_ray(tmp_path, raw, says)
 
     ckpt = make_checkpoint("vit", tmp_path / "ckpt")
     (ckpt / "preprocessor_config.json").write_text(json.dumps(raw))
-    with pytest.raises(models.ModelError) as e:
+    with pytest.raises(ModelError) as e:
         models.check(str(ckpt))
     assert says in str(e.value) and "preprocessor_config.json" in str(e.value)
 
@@ -174,7 +175,7 @@ def test_no_class_and_unknown_model_type_says_what_is_expected(tmp_path):
 
 def test_the_driver_resolves_a_checkpoint_without_transformers_or_torch(tmp_path):
     """The driver's imports and `models.resolve` leave transformers and torch unimported
-    (issue 16: they cost seconds of start-up on the driver's critical path)."""
+    (they cost seconds of start-up on the driver's critical path)."""
     from conftest import make_checkpoint
 
     ckpt = make_checkpoint("deit", tmp_path / "ckpt")

@@ -17,7 +17,8 @@ from conftest import small_photos
 from batchscore import pipeline, output as sink
 from batchscore.cli import EXIT_BUSY
 from batchscore.config import ScoreConfig
-from batchscore.lease import LEASE, Lease, OutputBusy
+from batchscore.exceptions import OutputBusy
+from batchscore.lease import LEASE, Lease
 
 
 @pytest.fixture()

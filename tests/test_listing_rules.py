@@ -19,7 +19,9 @@ from PIL import Image
 
 from batchscore import listing, pipeline, read, output as sink
 from batchscore.config import ScoreConfig
+from batchscore.exceptions import ListingError
 from batchscore.staging import RUN_INFO
+from batchscore.plan import listing_spec
 
 from conftest import put, small_photos
 
@@ -62,7 +64,7 @@ def uri_of(root: str, name: str) -> str:
 
 
 def ids(config: ScoreConfig) -> list[str]:
-    return [e.id for e in listing.list_inputs(config)]
+    return [e.id for e in listing.list_inputs(listing_spec(config))]
 
 
 def check_literal_names(root: str, scratch: Path, caplog) -> None:
@@ -72,7 +74,7 @@ def check_literal_names(root: str, scratch: Path, caplog) -> None:
     write_tree(root, data)
     for given, (own, sibling) in {**LITERAL_FILES, **LITERAL_FOLDERS}.items():
         caplog.clear()
-        entries = listing.list_inputs(ScoreConfig(input=(uri_of(root, given),)))
+        entries = listing.list_inputs(listing_spec(ScoreConfig(input=(uri_of(root, given),))))
         assert [e.id for e in entries] == [uri_of(root, own)], given
         got, error = read.fetch(entries[0].uri, retries=1)
         assert error == "" and got == data[own] and got != data[sibling], given
@@ -104,8 +106,8 @@ def test_bucket_keys_with_glob_characters_are_taken_as_written(object_stores, tm
     fs, path = fsspec.core.url_to_fs(root)
     fs.pipe_file(f"{path}/empty/", b"")
     fs.invalidate_cache()
-    with pytest.raises(listing.ListingError, match=r"/in/empty/?': the folder holds no files$"):
-        listing.list_inputs(ScoreConfig(input=(f"{root}/empty/",)))
+    with pytest.raises(ListingError, match=r"/in/empty/?': the folder holds no files$"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(f"{root}/empty/",))))
 
 
 def test_manifest_row_with_brackets_reads_that_file_not_its_sibling(tmp_path):
@@ -113,7 +115,7 @@ def test_manifest_row_with_brackets_reads_that_file_not_its_sibling(tmp_path):
     write_tree(str(tmp_path / "in"), data)
     manifest = tmp_path / "in" / "list.csv"
     manifest.write_text("uri\nphoto[1].jpg\n")
-    inputs = listing.listed(ScoreConfig(input=(str(manifest),)))
+    inputs = listing.listed(listing_spec(ScoreConfig(input=(str(manifest),))))
     assert [e.id for e in inputs.entries()] == [str(tmp_path / "in" / "photo[1].jpg")]
     inputs.write(fsspec.filesystem("file"), str(tmp_path / "_listing"), [0, 1])  # as the driver plans it
     (task,) = read.tasks(inputs, None)
@@ -178,37 +180,37 @@ def test_a_committed_runs_own_files_in_an_input_folder_are_not_listed(underscore
     assert {p.name for p in own} >= {sink.SUCCESS, sink.MANIFEST, f"{result.run_id}.json", "_errors.json"}
     for fmt in ("auto", "azureml"):
         caplog.clear()
-        entries = listing.list_inputs(ScoreConfig(input=(str(folder),), input_format=fmt))
+        entries = listing.list_inputs(listing_spec(ScoreConfig(input=(str(folder),), input_format=fmt)))
         assert [(e.id, e.kind) for e in entries] == [(str(request), "azureml")], fmt
         assert f"{len(own)} of batchscore's own file(s)" in caplog.text
     # A folder holding only a run's own files (its parts gone) holds nothing to read.
     for part in (folder / "scores").glob("*.parquet"):
         part.unlink()
-    with pytest.raises(listing.ListingError, match=rf"the folder holds no files but {len(own)} of batchscore's own"):
-        listing.list_inputs(ScoreConfig(input=(str(folder / "scores"),)))
+    with pytest.raises(ListingError, match=rf"the folder holds no files but {len(own)} of batchscore's own"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(folder / "scores"),))))
 
 
 def test_an_empty_folder_says_it_holds_no_files(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(listing.ListingError, match=r"empty': the folder holds no files$"):
-        listing.list_inputs(ScoreConfig(input=(str(tmp_path / "empty"),)))
+    with pytest.raises(ListingError, match=r"empty': the folder holds no files$"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path / "empty"),))))
     only_hidden = tmp_path / "dots"
     write_tree(str(only_hidden), {".DS_Store": b"x", ".thumbs/a.jpg": b"y"})
-    with pytest.raises(listing.ListingError,
+    with pytest.raises(ListingError,
                        match=r"dots': the folder holds no files but 2 hidden file\(s\) \(a path part starting with "
                              r"'\.'\), which are not read"):
-        listing.list_inputs(ScoreConfig(input=(str(only_hidden),)))
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(only_hidden),))))
 
 
 def test_a_glob_that_matches_nothing_still_errors(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / ".x.jpg").write_bytes(b"x")
-    with pytest.raises(listing.ListingError, match=r"no such path, and the glob matched no file$"):
-        listing.list_inputs(ScoreConfig(input=(str(tmp_path / "in" / "photo[1].jpg"),)))
-    with pytest.raises(listing.ListingError, match=r"the glob matched no file but 1 hidden file"):
-        listing.list_inputs(ScoreConfig(input=(str(tmp_path / "in" / "*.jpg"),)))
-    with pytest.raises(listing.ListingError, match="no such file or directory"):
-        listing.list_inputs(ScoreConfig(input=(str(tmp_path / "in" / "missing.jpg"),)))
+    with pytest.raises(ListingError, match=r"no such path, and the glob matched no file$"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path / "in" / "photo[1].jpg"),))))
+    with pytest.raises(ListingError, match=r"the glob matched no file but 1 hidden file"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path / "in" / "*.jpg"),))))
+    with pytest.raises(ListingError, match="no such file or directory"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path / "in" / "missing.jpg"),))))
 
 
 def test_a_glob_matching_folders_lists_them_whole(tmp_path):
@@ -248,7 +250,7 @@ def test_manifest_paths_are_normalized_so_one_image_is_one_row(tmp_path, caplog)
     relative = tmp_path / "m" / "rel.csv"
     relative.write_text("uri,label\n../imgs/a.jpg,second\n")
     caplog.set_level(logging.WARNING, logger="batchscore.listing")
-    entries = listing.list_inputs(ScoreConfig(input=(str(absolute), str(relative)), passthrough=("label",)))
+    entries = listing.list_inputs(listing_spec(ScoreConfig(input=(str(absolute), str(relative)), passthrough=("label",))))
     assert [(e.id, e.passthrough["label"]) for e in entries] == [
         (f"{tmp_path}/imgs/a.jpg", "first"), (f"{tmp_path}/imgs/b.jpg", "b")]
     assert f"more than once, e.g. ['{tmp_path}/imgs/a.jpg']" in caplog.text

@@ -10,6 +10,7 @@ import pytest
 
 from batchscore import cache, models, pipeline
 from batchscore.config import ScoreConfig
+from batchscore.exceptions import CacheError, ModelError
 
 from conftest import put, upload_dir
 
@@ -71,10 +72,10 @@ def test_changed_checkpoint_is_refused_mid_run(object_stores, checkpoints):
     assert info.name == "changing" and info.cache_key
     fs, path = fsspec.core.url_to_fs(uri)
     fs.pipe_file(f"{path}/config.json", fs.cat(f"{path}/config.json") + b" ")
-    with pytest.raises(cache.CacheError, match="changed during the run"):
+    with pytest.raises(CacheError, match="changed during the run"):
         models.local_path(info)
 
 
 def test_missing_bucket_checkpoint_is_a_model_error(object_stores):
-    with pytest.raises(models.ModelError, match="no checkpoint files there"):
+    with pytest.raises(ModelError, match="no checkpoint files there"):
         models.resolve("gs://bs-models/checkpoints/absent")

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from batchscore import models
-from batchscore.models import ModelError
+from batchscore.exceptions import ModelError
 
 from conftest import make_checkpoint
 
@@ -61,7 +61,7 @@ def test_bare_pickle_files_are_refused_with_a_hint(tmp_path, name):
 def test_allowed_pickle_checkpoint_scores_like_its_safetensors_twin(tmp_path):
     import numpy as np
 
-    from batchscore.predict import Predictor
+    from batchscore.predict import PredictSpec, Predictor
 
     st = make_checkpoint("vit", tmp_path / "st")
     info = models.resolve(str(pickle_twin(st, tmp_path / "pk")), allow_pickle=True)
@@ -69,8 +69,8 @@ def test_allowed_pickle_checkpoint_scores_like_its_safetensors_twin(tmp_path):
     batch = {"id": np.array(["a", "b"], dtype=object), "error": np.array(["", ""], dtype=object),
              "meta": np.array(["", ""], dtype=object),
              "pixels": np.random.default_rng(0).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)}
-    ours = Predictor(info, "cpu", "fp32", top_k=0)(batch).to_pylist()
-    twin = Predictor(models.resolve(str(st)), "cpu", "fp32", top_k=0)(batch).to_pylist()
+    ours = Predictor(info, PredictSpec("cpu", "fp32", top_k=0))(batch).to_pylist()
+    twin = Predictor(models.resolve(str(st)), PredictSpec("cpu", "fp32", top_k=0))(batch).to_pylist()
     assert [r["labels"] for r in ours] == [r["labels"] for r in twin]
     assert np.allclose([r["probs"] for r in ours], [r["probs"] for r in twin], atol=1e-6)
 
@@ -86,19 +86,18 @@ class _Evil:
 
 
 def test_booby_trapped_pickle_is_not_executed_even_when_allowed(tmp_path):
-    from batchscore.predict import Predictor
+    from batchscore.predict import PredictSpec, Predictor
 
     marker = tmp_path / "pwned"
     ckpt = pickle_twin(make_checkpoint("vit", tmp_path / "m"), tmp_path / "pk", state={"w": _Evil(str(marker))})
     info = models.resolve(str(ckpt), allow_pickle=True)
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|not an allowed global|Unsupported global"):
-        Predictor(info, "cpu", "fp32", top_k=1)
+        Predictor(info, PredictSpec("cpu", "fp32", top_k=1))
     assert not marker.exists()
 
 
 def test_headless_checkpoint_embeds_and_is_refused_classification(tmp_path):
     """A headless `ViTModel` is scored with task embed (auto); classification is a bad job."""
-    from batchscore import ScoreConfig
 
     ckpt = make_checkpoint("vit", tmp_path / "m")
     config = json.loads((ckpt / "config.json").read_text())
@@ -110,9 +109,9 @@ def test_headless_checkpoint_embeds_and_is_refused_classification(tmp_path):
     with pytest.raises(ModelError, match=r"task classify needs a classification head.*use task embed"):
         models.task_for("classify", checked)
     info = models.resolve(str(ckpt))
-    assert models.task_spec(ScoreConfig(), info).pool == "cls"  # no pooler weights in a classifier's file
+    assert models.task_spec(info).pool == "cls"  # no pooler weights in a classifier's file
     with pytest.raises(ModelError, match="no trained pooler"):
-        models.task_spec(ScoreConfig(embed_pool="pooler"), info)
+        models.task_spec(info, embed_pool="pooler")
     config["architectures"] = ["ViTForMaskedImageModeling"]
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match=r"image-classification head.*\['ViTForMaskedImageModeling'\]"):

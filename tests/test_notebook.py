@@ -1,4 +1,4 @@
-"""Feedback for the people who run it (issue 16): `batchscore.score` from Python shows its
+"""Feedback for the people who run it: `batchscore.score` from Python shows its
 progress (a tqdm bar in Jupyter or on a terminal, log lines otherwise) and its log lines
 without the CLI's logging setup, never twice; messages in the caller's terms; Ray's noise
 left out of the log and no ANSI codes in a non-TTY one; an ETA from the recent rate; one

@@ -20,8 +20,9 @@ from conftest import put, small_photos
 
 import batchscore
 from batchscore import schedule, output as sink
-from batchscore.config import ConfigError, ScoreConfig
+from batchscore.config import ScoreConfig
 from batchscore.emulators import free_port
+from batchscore.exceptions import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -20,9 +21,10 @@ import pytest
 import ray
 
 import batchscore
-from batchscore import listing, models, pipeline, read, runtime, write
-from batchscore import output as sink
-from batchscore.config import ConfigError, ScoreConfig
+from batchscore import listing, models, pipeline, plan, read, runtime, write
+from batchscore.config import ScoreConfig
+from batchscore.exceptions import ConfigError, ListingError, SinkError
+from batchscore.plan import listing_spec
 
 ROOT = Path(__file__).parent.parent
 
@@ -195,33 +197,33 @@ def test_local_ray_keeps_idle_workers_beyond_the_cpu_count(ray_session, tmp_path
     assert all(Path(f"/proc/{pid}").exists() for pid in pids), "idle workers were killed"
 
 
-def written_listing(config: ScoreConfig, folder) -> listing.Listing:
-    """The run's listing, written as the driver writes it into a staging folder."""
-    inputs = listing.listed(config)
-    inputs.write(fsspec.filesystem("file"), str(folder / "_listing"), pipeline.task_bounds(config, inputs))
-    return inputs
+def run_plan(config: ScoreConfig, folder) -> plan.RunPlan:
+    """The run's plan, its listing written as the driver writes it into a staging folder."""
+    job = plan.prepare(config)
+    resources = runtime.actor_resources(plan.actor_spec(config))
+    made = plan.physical(config, job, models.resolve(config.model), ray.cluster_resources(), resources)
+    job.inputs.write(fsspec.filesystem("file"), str(folder / "_listing"), made.task_bounds())
+    return made
 
 
 def test_decode_is_a_separate_cpu_operator(ray_session, capsys, checkpoints, photos, monkeypatch, tmp_path):
     config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]))
-    info = models.resolve(config.model)
-    inputs = written_listing(config, tmp_path)
-    part = write.PartSpec(output="unused", run_id="r", model=info.tag)
+    planned = run_plan(config, tmp_path)
+    part = write.PartSpec(output="unused", run_id="r", model=planned.model.tag)
 
-    def physical_plan() -> str:
-        pipeline.build_dataset(config, info, inputs, None, part).explain()
+    def physical_plan(made: plan.RunPlan) -> str:
+        pipeline.build_dataset(made, made.job.inputs, None, part).explain()
         return capsys.readouterr().out.split("Physical Plan (Optimized) --------")[1]
 
-    plan = physical_plan()
-    print(plan)
-    assert "TaskPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)]" in plan
-    assert "ActorPoolMapOperator[MapBatches(Predictor)]" in plan
-    assert "TaskPoolMapOperator[MapBatches(write_part)]" in plan  # workers write, not the actor
+    physical = physical_plan(planned)
+    print(physical)
+    assert "TaskPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)]" in physical
+    assert "ActorPoolMapOperator[MapBatches(Predictor)]" in physical
+    assert "TaskPoolMapOperator[MapBatches(write_part)]" in physical  # workers write, not the actor
     # Negative control: with equal remote args Ray does fuse decode into the model actor (the
     # actor's runtime env, which alone would keep them apart, is off when the user sets OpenMP's).
-    monkeypatch.setattr(pipeline, "actor_resources", lambda c: runtime.ActorResources(cpus=0.5, gpus=0.0))
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    fused = physical_plan()
+    fused = physical_plan(dataclasses.replace(planned, resources=runtime.ActorResources(cpus=0.5, gpus=0.0)))
     assert "ActorPoolMapOperator[MapBatches(read_batch)->MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
 
 
@@ -255,9 +257,9 @@ def test_object_store_is_bounded_per_actor(ray_session, checkpoints, photos, tmp
     Ray Data context carries the bound; the process-wide context is left alone."""
     config = ScoreConfig(input=(str(photos),), output="unused", model=str(checkpoints["vit"]),
                          decoded_queue_mb=48, actors=(1, 3), cpus_per_actor=0.4)
-    entries = listing.list_inputs(config)
-    ds = pipeline.build_dataset(config, models.resolve(config.model), written_listing(config, tmp_path), None,
-                                write.PartSpec(output="unused", run_id="r", model="m"))
+    entries = listing.list_inputs(listing_spec(config))
+    planned = run_plan(config, tmp_path)
+    ds = pipeline.build_dataset(planned, planned.job.inputs, None, write.PartSpec(output="unused", run_id="r", model="m"))
     assert ds.context.execution_options.resource_limits.object_store_memory == 48 * 2**20 * 3
     assert ray_session.data.DataContext.get_current().execution_options.resource_limits.object_store_memory != 48 * 2**20 * 3
     # A bound this tight still scores every image (Ray Data always lets one task per stage run).
@@ -269,7 +271,7 @@ def test_object_store_is_bounded_per_actor(ray_session, checkpoints, photos, tmp
 
 def test_equal_decode_and_actor_cpus_are_refused(ray_session):
     with pytest.raises(ConfigError, match="must differ from decode_cpus"):
-        runtime.actor_resources(ScoreConfig(cpus_per_actor=0.5, decode_cpus=0.5))
+        runtime.actor_resources(plan.actor_spec(ScoreConfig(cpus_per_actor=0.5, decode_cpus=0.5)))
 
 
 def test_actors_sized_to_leave_decode_a_cpu(ray_session, monkeypatch, caplog):
@@ -278,21 +280,21 @@ def test_actors_sized_to_leave_decode_a_cpu(ray_session, monkeypatch, caplog):
     fit no node or starve decode are a bad job here, and a warning on a cluster (an autoscaler
     may add nodes)."""
     spare = ScoreConfig().decode_cpus + runtime.WRITE_CPUS
-    pair = runtime.actor_resources(ScoreConfig(actors=(2, 2)))
+    pair = runtime.actor_resources(plan.actor_spec(ScoreConfig(actors=(2, 2))))
     assert 0 < pair.cpus < 1 and 2 * pair.cpus + spare <= 2
-    assert runtime.actor_resources(ScoreConfig(decode_cpus=1.0)).cpus == pytest.approx(2 - 1.0 - runtime.WRITE_CPUS)
+    assert runtime.actor_resources(plan.actor_spec(ScoreConfig(decode_cpus=1.0))).cpus == pytest.approx(2 - 1.0 - runtime.WRITE_CPUS)
     with pytest.raises(ConfigError, match=r"leave no CPU for decode tasks \(0.5 each\) on the cluster's 2 CPUs"):
-        runtime.actor_resources(ScoreConfig(cpus_per_actor=2))
+        runtime.actor_resources(plan.actor_spec(ScoreConfig(cpus_per_actor=2)))
     with pytest.raises(ConfigError, match=r"fit no node of the Ray cluster \(the largest has 2 CPUs\)"):
-        runtime.actor_resources(ScoreConfig(cpus_per_actor=3))
+        runtime.actor_resources(plan.actor_spec(ScoreConfig(cpus_per_actor=3)))
     monkeypatch.setattr(runtime, "_STARTED_GCS", None)  # a cluster started elsewhere
     with caplog.at_level("WARNING", logger="batchscore.runtime"):
-        assert runtime.actor_resources(ScoreConfig(cpus_per_actor=3)).cpus == 3
+        assert runtime.actor_resources(plan.actor_spec(ScoreConfig(cpus_per_actor=3))).cpus == 3
     assert any("waits until an autoscaler adds nodes" in r.getMessage() for r in caplog.records)
 
 
 def test_actor_gets_the_cpus_left_by_decode(ray_session, monkeypatch):
-    res = runtime.actor_resources(ScoreConfig())
+    res = runtime.actor_resources(plan.actor_spec(ScoreConfig()))
     assert (res.cpus, res.gpus) == (2 - 0.5 - runtime.WRITE_CPUS, 0.0)  # 2 CPUs in the test cluster, 0.5 for decode
     # Its OpenMP threads sleep rather than spin at barriers, as it shares cores; not on a GPU,
     # and never against the user's own setting. A local Ray started by batchscore gives every
@@ -308,14 +310,14 @@ def test_actor_gets_the_cpus_left_by_decode(ray_session, monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert res.runtime_env() == {}
     with pytest.raises(ConfigError, match="device=cuda needs gpus_per_actor > 0"):
-        runtime.actor_resources(ScoreConfig(device="cuda"))
+        runtime.actor_resources(plan.actor_spec(ScoreConfig(device="cuda")))
 
 
 def test_nothing_is_committed_when_rows_go_missing(ray_session, tmp_path, photos, checkpoints, monkeypatch):
     """If a stage ever dropped rows, the run must fail instead of committing partial output:
     here the rows of two inputs never reach the (real) write stage."""
 
-    def losing_dataset(config, model, inputs, todo, part, resources=None):
+    def losing_dataset(run_plan, inputs, todo, part):
         rows = [{"id": e.id, "labels": ["can"], "probs": [0.9], "error": None, "error_code": None,
                  "meta": json.dumps({"source": e.id, "index": i, "passthrough": {}})}
                 for i, e in list(enumerate(inputs.entries()))[:-2]]
@@ -325,7 +327,7 @@ def test_nothing_is_committed_when_rows_go_missing(ray_session, tmp_path, photos
     monkeypatch.setattr(pipeline, "build_dataset", losing_dataset)
     config = ScoreConfig(input=(str(photos),), output=str(tmp_path / "out"), model=str(checkpoints["vit"]))
     n = len(list(photos.iterdir()))
-    with pytest.raises(sink.SinkError, match=rf"expected one row per input \({n} inputs, {n} rows known in advance\) "
+    with pytest.raises(SinkError, match=rf"expected one row per input \({n} inputs, {n} rows known in advance\) "
                                              rf"but wrote {n - 2} rows: 2 input\(s\) gave no row"):
         pipeline.score(config)
     assert not (tmp_path / "out" / "_SUCCESS").exists()
@@ -343,15 +345,15 @@ def test_python_api(ray_session, tmp_path, photos, checkpoints):
 
 
 def test_glob_and_file_inputs_are_taken_as_given(tmp_path, photos):
-    entries = listing.list_inputs(ScoreConfig(
-        input=(str(photos / "*.png"), str(photos / "rocket.jpg"), str(photos / "rocket.jpg")), extensions=(".jpg",)))
+    entries = listing.list_inputs(listing_spec(ScoreConfig(
+        input=(str(photos / "*.png"), str(photos / "rocket.jpg"), str(photos / "rocket.jpg")), extensions=(".jpg",))))
     names = [e.id.rsplit("/", 1)[-1] for e in entries]
     assert names == sorted(names) and "rocket.jpg" in names and names.count("rocket.jpg") == 1
     assert all(n.endswith((".png", ".jpg")) for n in names)
-    with pytest.raises(listing.ListingError, match="no such file or directory"):
-        listing.list_inputs(ScoreConfig(input=(str(tmp_path / "missing"),)))
-    with pytest.raises(listing.ListingError, match="the glob matched no file"):
-        listing.list_inputs(ScoreConfig(input=(str(tmp_path / "*.jpg"),)))
+    with pytest.raises(ListingError, match="no such file or directory"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path / "missing"),))))
+    with pytest.raises(ListingError, match="the glob matched no file"):
+        listing.list_inputs(listing_spec(ScoreConfig(input=(str(tmp_path / "*.jpg"),))))
 
 
 def test_demo_accuracy(ray_session, tmp_path):

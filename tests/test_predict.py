@@ -13,7 +13,7 @@ from batchscore import models, predict
 def test_actor_runs_torch_on_the_cpus_it_was_given(ray_session, checkpoints, cpus, threads):
     """Ray sets OMP_NUM_THREADS=1 in workers; the Predictor must undo that from its CPU share."""
     info = models.resolve(str(checkpoints["vit"]))
-    actor = ray_session.remote(num_cpus=cpus)(predict.Predictor).remote(info, "cpu", "fp32", 3)
+    actor = ray_session.remote(num_cpus=cpus)(predict.Predictor).remote(info, predict.PredictSpec("cpu", "fp32", 3))
     got = ray_session.get(actor.__ray_call__.remote(lambda self: torch.get_num_threads()))
     ray_session.kill(actor)
     assert got == threads
@@ -37,7 +37,7 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 
 def test_rows_with_errors_skip_the_model_and_keep_their_error(checkpoints):
     info = models.resolve(str(checkpoints["vit"]))
-    p = predict.Predictor(info, "cpu", "fp32", top_k=2)
+    p = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=2))
     pixels = np.random.default_rng(0).integers(0, 256, (3, 3, 224, 224), dtype=np.uint8)
     out = p({"id": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
              "error": np.array(["", "decode.empty: empty file", ""], dtype=object),
@@ -57,7 +57,7 @@ def test_a_non_finite_output_is_that_rows_error(checkpoints):
     output for row 1 made NaN by a hook) becomes a `predict.nonfinite` error row; the other
     rows keep exactly the probabilities they have without it."""
     info = models.resolve(str(checkpoints["vit"]))
-    p = predict.Predictor(info, "cpu", "fp32", top_k=2, batch_size=4)
+    p = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=2, batch_size=4))
     pixels = np.random.default_rng(1).integers(0, 256, (3, 3, 224, 224), dtype=np.uint8)
     batch = {"id": np.array(["a", "b", "c"], dtype=object), "pixels": pixels,
              "error": np.array(["", "", ""], dtype=object), "meta": np.array(["m0", "m1", "m2"], dtype=object)}
@@ -78,7 +78,7 @@ def test_a_non_finite_output_is_that_rows_error(checkpoints):
 
 def test_all_rows_failed_batch(checkpoints):
     info = models.resolve(str(checkpoints["vit"]))
-    p = predict.Predictor(info, "cpu", "fp32", top_k=3)
+    p = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=3))
     out = p({"id": np.array(["a"], dtype=object), "pixels": np.zeros((1, 3, 224, 224), np.uint8),
              "error": np.array(["read.failed: gone"], dtype=object), "meta": np.array(["m"], dtype=object)})
     assert out.to_pylist() == [{"id": "a", "labels": None, "probs": None, "error": "read.failed: gone",
@@ -126,8 +126,8 @@ def test_probed_predictor_gives_the_same_rows_as_a_fixed_batch(checkpoints):
     """Chunking a batch for the probe changes neither the order nor the numbers of the rows."""
     info = models.resolve(str(checkpoints["vit"]))
     rng = np.random.default_rng(1)
-    probed = predict.Predictor(info, "cpu", "fp32", top_k=3)
-    fixed = predict.Predictor(info, "cpu", "fp32", top_k=3, batch_size=32)
+    probed = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=3))
+    fixed = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=3, batch_size=32))
     assert probed.sizer.chosen is None and fixed.sizer.chosen == 32
     for n in (32,) * 9 + (20,):  # 3 batches at each of 8, 16 and 32 for the probe to decide, then one more
         pixels = rng.integers(0, 256, (n, 3, 224, 224), dtype=np.uint8)

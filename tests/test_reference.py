@@ -68,7 +68,7 @@ def scored_in_process(photos, checkpoint, dtype):
              "data": np.array([f.read_bytes() for f in files], dtype=object),
              "error": np.array([""] * n, dtype=object), "meta": np.array([""] * n, dtype=object)}
     batch = decode.decode_batch(batch, spec=model.preprocess, max_image_pixels=ScoreConfig().max_image_pixels)
-    rows = predict.Predictor(model, "cpu", dtype, top_k=0, batch_size=4)(batch).to_pylist()
+    rows = predict.Predictor(model, predict.PredictSpec("cpu", dtype, top_k=0, batch_size=4))(batch).to_pylist()
     assert all(r["error"] is None for r in rows), [(r["id"], r["error"]) for r in rows if r["error"]]
     return {r["id"]: dict(zip(r["labels"], r["probs"])) for r in rows}
 

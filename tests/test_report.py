@@ -133,7 +133,7 @@ def commit_run(out: Path, rows: list[tuple], *, labels=("can", "carton", "jar"),
 
     run_id = f"run-{tag[:6]}-{len(rows)}"
     config = ScoreConfig(input=("x",), output=str(out), label_source=label_source, baseline=baseline)
-    spec = evaluation.spec_for(config, labels, multi_label)
+    spec = evaluation.spec_for(config.label_source, config.label_column, labels, multi_label)
     staging = Staging(str(out), run_id, info={"run_id": run_id})
     parts = []
     for start in range(0, len(rows), max(1, len(rows) // 2 + 1)):
@@ -153,7 +153,7 @@ def commit_run(out: Path, rows: list[tuple], *, labels=("can", "carton", "jar"),
     for p in parts:
         for k, v in p["by_code"].items():
             by_code[k] = by_code.get(k, 0) + v
-    thresholds = postprocess.run_thresholds(config, labels, multi_label)
+    thresholds = postprocess.run_thresholds(config.threshold, config.thresholds, labels, multi_label)
     manifest = {
         "run_id": run_id, "config": config.to_dict(),
         "model": {"tag": tag, "model_type": "vit", "weights_sha256": weights, "num_labels": len(labels)},
@@ -252,7 +252,7 @@ def test_explicit_baseline_without_a_committed_run_is_an_error(tmp_path, cli_run
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["drift"] is None
     with pytest.raises(batchscore.ConfigError, match="no committed run"):
-        drift.check_baseline(batchscore.ScoreConfig(baseline=str(missing)))
+        drift.check_baseline(str(missing))
     assert drift.against(str(tmp_path / "out"), str(missing), required=False) is None
 
 

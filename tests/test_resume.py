@@ -14,7 +14,8 @@ from conftest import small_photos
 
 from batchscore import pipeline, resume
 from batchscore.config import ScoreConfig
-from batchscore.resume import ResumeError
+from batchscore.exceptions import ResumeError
+from batchscore.plan import listing_spec
 
 
 def assert_same_rows(frame, reference, what: str) -> None:
@@ -150,12 +151,12 @@ def test_the_fingerprint_takes_local_paths_as_absolute(tmp_path, monkeypatch):
     from batchscore import resume
 
     monkeypatch.chdir(tmp_path)
-    typed = resume.fingerprint(ScoreConfig(input=("small",), model="ckpt"), "sha")
-    assert typed == resume.fingerprint(ScoreConfig(input=(str(tmp_path / "small"),), model=str(tmp_path / "ckpt")), "sha")
+    typed = resume.fingerprint(ScoreConfig(input=("small",), model="ckpt").to_dict(), "sha", None)
+    assert typed == resume.fingerprint(ScoreConfig(input=(str(tmp_path / "small"),), model=str(tmp_path / "ckpt")).to_dict(), "sha", None)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert resume.fingerprint(ScoreConfig(input=("small",), model="ckpt"), "sha") != typed
-    assert resume.fingerprint(ScoreConfig(input=("gs://b/small",)), "sha")["input"] == ["gs://b/small"]
+    assert resume.fingerprint(ScoreConfig(input=("small",), model="ckpt").to_dict(), "sha", None) != typed
+    assert resume.fingerprint(ScoreConfig(input=("gs://b/small",)).to_dict(), "sha", None)["input"] == ["gs://b/small"]
 
 
 def test_resume_refuses_inputs_that_changed_since_the_run_started(tmp_path):
@@ -167,17 +168,17 @@ def test_resume_refuses_inputs_that_changed_since_the_run_started(tmp_path):
     folder = tmp_path / "in"
     small_photos(folder, 5, seed=3)
     config = ScoreConfig(input=(str(folder),), output=str(tmp_path / "out"))
-    then = listing.listed(config)
-    fingerprint = resume.fingerprint(config, "w")
+    then = listing.listed(listing_spec(config))
+    fingerprint = resume.fingerprint(config.to_dict(), "w", None)
     Staging(config.output, "20261130T000000Z-aaaaaaaa",
             info={"run_id": "r", "fingerprint": fingerprint, "inputs": then.count, "inputs_ids_sha256": then.ids_sha256})
-    assert resume.latest(config.output, fingerprint, listing.listed(config)).run_id == "20261130T000000Z-aaaaaaaa"
+    assert resume.latest(config.output, fingerprint, listing.listed(listing_spec(config))).run_id == "20261130T000000Z-aaaaaaaa"
     first = sorted(folder.iterdir())[0]
     first.write_bytes(first.read_bytes() + b"\0")  # fixed in place (another size): still the same inputs
-    assert resume.latest(config.output, fingerprint, listing.listed(config)).run_id == "20261130T000000Z-aaaaaaaa"
+    assert resume.latest(config.output, fingerprint, listing.listed(listing_spec(config))).run_id == "20261130T000000Z-aaaaaaaa"
     small_photos(tmp_path / "more", 1, seed=4)
     (tmp_path / "more").rename(folder / "more")  # a sixth image arrives
     with pytest.raises(ResumeError, match=r"its inputs changed since it started \(5 listed then, 6 now"):
-        resume.latest(config.output, fingerprint, listing.listed(config))
+        resume.latest(config.output, fingerprint, listing.listed(listing_spec(config)))
     with pytest.raises(ResumeError, match=r"its inputs changed since it started"):
-        resume.check_inputs(config.output, listing.listed(config))  # what `score` checks before Ray starts
+        resume.check_inputs(config.output, listing.listed(listing_spec(config)))  # what `score` checks before Ray starts

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from batchscore import output, run, write
+from batchscore import run, write
+from batchscore.exceptions import SinkError
 from batchscore.listing import Entry, Listing
 
 
@@ -41,12 +42,12 @@ def test_parts_in_any_order_prove_one_row_per_file_and_catch_loss_and_duplicates
     lost = run.Coverage()
     for p in parts[:2]:
         lost.add(p)
-    with pytest.raises(output.SinkError, match=r"2 input\(s\) gave no row, e.g. \['/x/3.jpg', '/x/4.jpg'\]"):
+    with pytest.raises(SinkError, match=r"2 input\(s\) gave no row, e.g. \['/x/3.jpg', '/x/4.jpg'\]"):
         run.check_rows(entries, lost, 8)
     twice = run.Coverage()
     for p in parts + parts[1:2]:
         twice.add(p)  # a part counted twice (or written twice under two names)
-    with pytest.raises(output.SinkError, match="3 duplicate rows"):
+    with pytest.raises(SinkError, match="3 duplicate rows"):
         run.check_rows(entries, twice, 13)
 
 
@@ -59,5 +60,5 @@ def test_containers_must_hold_what_they_announced():
     run.check_rows(entries, cov, 7)
     short = run.Coverage()
     short.add({"files": [], "containers": {"0": [2, 3], "1": [3, None]}, "duplicates": 0})
-    with pytest.raises(output.SinkError, match=r"wrong number of rows .*\('s0.tar', 2, 3\), \('p.parquet', 3, 4\)"):
+    with pytest.raises(SinkError, match=r"wrong number of rows .*\('s0.tar', 2, 3\), \('p.parquet', 3, 4\)"):
         run.check_rows(entries, short, 5)

@@ -9,7 +9,6 @@ the whole pipeline (the demo model): the issue's shard scored, and the same loss
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 
 import fsspec
@@ -21,6 +20,8 @@ from PIL import Image
 from batchscore import errors, listing, pipeline, read, run, write
 from batchscore import output as sink
 from batchscore.config import ScoreConfig
+from batchscore.exceptions import SinkError
+from batchscore.plan import listing_spec
 
 from conftest import small_photos
 
@@ -58,7 +59,7 @@ def read_shards(folder, passthrough=("cls",)) -> tuple[dict[str, dict], dict[str
     Returns:
         ({id: row}, {shard id: its announced row count}).
     """
-    inputs = listing.listed(ScoreConfig(input=(str(folder),), input_format="tar", passthrough=passthrough))
+    inputs = listing.listed(listing_spec(ScoreConfig(input=(str(folder),), input_format="tar", passthrough=passthrough)))
     entries = inputs.entries()
     inputs.write(fsspec.filesystem("file"), str(folder.parent / "_listing"), read.task_bounds(len(entries), True, 1, 1))
     tasks = read.tasks(inputs, None)  # one read task per shard, as the driver plans them
@@ -138,11 +139,11 @@ def test_image_member_lost_in_the_workers_fails_the_run(ray_session, tmp_path, p
     ])
     monkeypatch.setattr(read, "read_batch", read_batch_losing_second_images)  # what build_dataset hands Ray
     out = tmp_path / "out"
-    with pytest.raises(sink.SinkError, match=r"wrong number of rows .*shard-000000.tar', 2, 3\)"):
+    with pytest.raises(SinkError, match=r"wrong number of rows .*shard-000000.tar', 2, 3\)"):
         pipeline.score(ScoreConfig(input=(str(tmp_path / "in"),), output=str(out), input_format="tar",
                                    passthrough=("cls",), max_error_fraction=1.0))
     assert sink.read_manifest(str(out)) is None and not (out / sink.SUCCESS).exists()
-    with pytest.raises(sink.SinkError, match="no committed run"):
+    with pytest.raises(SinkError, match="no committed run"):
         sink.read_committed(str(out))
 
 
@@ -156,7 +157,7 @@ def test_member_lost_after_being_counted_fails_the_check(tmp_path, pictures, mon
     assert len(rows) == 2 and list(totals.values()) == [2]
     real = read._sample_rows
     monkeypatch.setattr(read, "_sample_rows", lambda *a: iter(list(real(*a))[:1]))
-    with pytest.raises(sink.SinkError, match=r"1 input\(s\) gave the wrong number of rows .*s.tar', 1, 2\)"):
+    with pytest.raises(SinkError, match=r"1 input\(s\) gave the wrong number of rows .*s.tar', 1, 2\)"):
         read_shards(tmp_path / "in")
 
 
@@ -165,7 +166,7 @@ def test_reader_that_yields_nothing_still_announces_its_count(tmp_path, pictures
     it for an empty shard; instead its one row says so, with the count, and the check fails."""
     write_tar(tmp_path / "in" / "s.tar", [("x.01.jpg", pictures["a.jpg"]), ("x.02.jpg", pictures["b.jpg"])])
     monkeypatch.setattr(read, "_sample_rows", lambda *a: iter(()))
-    with pytest.raises(sink.SinkError, match=r"s.tar', 1, 2\)"):
+    with pytest.raises(SinkError, match=r"s.tar', 1, 2\)"):
         read_shards(tmp_path / "in")
 
 

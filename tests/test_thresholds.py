@@ -3,6 +3,7 @@ transformers' pipeline scores them, and the thresholds in the resume fingerprint
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from batchscore import models, postprocess, predict, resume
-from batchscore.config import ConfigError, ScoreConfig
+from batchscore import models, plan, postprocess, predict
+from batchscore.demo import SAMPLES
+from batchscore.config import ScoreConfig
+from batchscore.exceptions import ConfigError
 from batchscore.postprocess import Postprocessor, Thresholds
 
 
@@ -60,16 +63,19 @@ def test_thresholds_file_json_and_yaml(tmp_path):
         ScoreConfig(threshold=2.0)
 
 
-def test_thresholds_are_in_the_resume_fingerprint(tmp_path):
+def test_thresholds_are_in_the_resume_fingerprint(tmp_path, multi_label_checkpoint):
+    """The plan's fingerprint holds the default threshold and the sha256 of the file's contents,
+    as read once by the plan."""
     t = tmp_path / "t.yaml"
     t.write_text("can: 0.3\n")
-    base = ScoreConfig(input=("x",), output="o")
-    fp = resume.fingerprint(base, "w")
+    base = ScoreConfig(input=(str(SAMPLES / "digit-0000.png"),), output="o", model=str(multi_label_checkpoint))
+    fp = plan.prepare(base).fingerprint("w")
     assert fp["threshold"] == 0.5 and fp["thresholds_sha256"] is None
-    assert resume.fingerprint(base.with_overrides(threshold=0.6), "w") != fp
-    with_file = resume.fingerprint(base.with_overrides(thresholds=str(t)), "w")
+    assert plan.prepare(base.with_overrides(threshold=0.6)).fingerprint("w") != fp
+    with_file = plan.prepare(base.with_overrides(thresholds=str(t))).fingerprint("w")
+    assert with_file["thresholds_sha256"] == hashlib.sha256(t.read_bytes()).hexdigest()
     t.write_text("can: 0.4\n")
-    assert resume.fingerprint(base.with_overrides(thresholds=str(t)), "w") != with_file  # the contents count
+    assert plan.prepare(base.with_overrides(thresholds=str(t))).fingerprint("w") != with_file  # the contents count
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +110,7 @@ def test_multi_label_checkpoint_by_hand(multi_label_checkpoint):
         assert not np.any(np.abs(scores[:, c] - t) < 5e-4)
         per_label[label] = min(t, 1.0)
     thresholds = Thresholds(0.5, per_label)
-    p = predict.Predictor(info, "cpu", "fp32", top_k=2, thresholds=thresholds)
+    p = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=2, thresholds=thresholds))
     rows = p({"id": np.array([str(i) for i in range(6)], dtype=object), "pixels": pixels,
               "error": np.array([""] * 6, dtype=object), "meta": np.array(["{}"] * 6, dtype=object)}).to_pylist()
     for i, row in enumerate(rows):
@@ -132,7 +138,7 @@ def test_single_logit_head_is_a_sigmoid_like_transformers_pipeline(tmp_path, pho
              "data": np.array([f.read_bytes() for f in files], dtype=object),
              "error": np.array([""] * len(files), dtype=object), "meta": np.array(["{}"] * len(files), dtype=object)}
     decoded = decode.decode_batch(batch, spec=info.preprocess, max_image_pixels=10**9)
-    p = predict.Predictor(info, "cpu", "fp32", top_k=5, thresholds=Thresholds(0.0))
+    p = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=5, thresholds=Thresholds(0.0)))
     ours = p(decoded).to_pylist()
     pipe = transformers.pipeline("image-classification", model=str(path), device="cpu")
     theirs = [pipe(Image.open(f))[0] for f in files]
@@ -143,7 +149,7 @@ def test_single_logit_head_is_a_sigmoid_like_transformers_pipeline(tmp_path, pho
     assert np.allclose(got, want, atol=1e-3)
     assert len(set(np.round(want, 3))) > 1  # the scores depend on the image
     # At the default 0.5, rows below it hold no label.
-    half = predict.Predictor(info, "cpu", "fp32", top_k=5, thresholds=Thresholds(0.5))(decoded).to_pylist()
+    half = predict.Predictor(info, predict.PredictSpec("cpu", "fp32", top_k=5, thresholds=Thresholds(0.5)))(decoded).to_pylist()
     assert [bool(r["labels"]) for r in half] == [s >= 0.5 for s in want]
 
 

@@ -11,6 +11,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from batchscore.config import ScoreConfig
 from batchscore.result import RunResult
 
@@ -38,12 +40,12 @@ class DemoResult:
 
 def run(config: ScoreConfig) -> DemoResult:
     """Scores the demo samples (unless `config` names other inputs) and measures accuracy."""
-    from batchscore import pipeline
+    from batchscore import pipeline  # lazy: Ray and the stages only when the demo runs; the CLI imports this module
 
     config = config.with_overrides(
         input=config.input or (str(SAMPLES),),
         output=config.output or DEFAULT_OUTPUT,
-        # issue 18: the top-1 accuracy comes from the run's own evaluation against labels.csv
+        # the top-1 accuracy comes from the run's own evaluation against labels.csv
         label_source=config.label_source or str(SAMPLES / "labels.csv"),
         overwrite=True,
     )
@@ -52,7 +54,7 @@ def run(config: ScoreConfig) -> DemoResult:
     if "embedding" in frame.columns:
         return DemoResult(result, *nearest_neighbour_accuracy(frame),
                           measure="1-nearest-neighbour of the embeddings (cosine, leave-one-out)")
-    if result.evaluation and result.evaluation.get("correct") is not None:  # issue 18
+    if result.evaluation and result.evaluation.get("correct") is not None:
         return DemoResult(result, result.evaluation["correct"], result.evaluation["rows"])
     return DemoResult(result, *accuracy(frame))
 
@@ -64,8 +66,6 @@ def _truth() -> dict[str, str]:
 
 def nearest_neighbour_accuracy(frame) -> tuple[int, int]:
     """(correct, labelled): each digit's nearest other digit by embedding cosine has its label."""
-    import numpy as np
-
     truth = _truth()
     named = [(str(i).rsplit("/", 1)[-1], e) for i, e in zip(frame["id"], frame["embedding"])]
     named = [(n, e) for n, e in named if n in truth and e is not None]

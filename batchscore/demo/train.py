@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
 
+    # lazy: torch, scikit-learn and transformers for the training only, not for --help
     import torch
     from sklearn.datasets import load_digits
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
