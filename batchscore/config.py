@@ -341,6 +341,12 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ScoreConfig)]
 
 
+def default(name: str) -> Any:
+    """The default of setting `name`: each default is written once, in `ScoreConfig`, and the
+    stages' specs take theirs from here."""
+    return ScoreConfig.__dataclass_fields__[name].default
+
+
 def unknown_keys(unknown: list[str], noun: str) -> str:
     """The message for unknown keys: each one with its closest valid key (difflib), then all
     valid keys: `unknown key(s) 'topk' (did you mean 'top_k'?); valid keys are: ...`."""

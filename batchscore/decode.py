@@ -40,6 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from batchscore import formats as _formats
 from batchscore.checkpoint import PreprocessSpec
 from batchscore.errors import error as _error
+from batchscore.config import default
 
 try:  # HEIF/HEIC through the pillow-heif plugin (AVIF is built into Pillow >= 11.2)
     import pillow_heif
@@ -84,11 +85,11 @@ class DecodeSpec:
     """
 
     preprocess: PreprocessSpec
-    max_image_pixels: int = 178_956_970
-    formats: tuple[str, ...] = _formats.DEFAULT_FORMATS
-    nice: int = 0
+    max_image_pixels: int = default("max_image_pixels")
+    formats: tuple[str, ...] = default("formats")
+    nice: int = default("decode_nice")
     device: str = "cpu"
-    cpus: float = 0.5
+    cpus: float = default("decode_cpus")
 
     def kwargs(self) -> dict:
         """The keyword arguments of `decode_batch` and `device_decode.check_batch`."""

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from batchscore.committed import with_scores
 from batchscore.exceptions import ConfigError, NotCommitted, SinkError
 from batchscore.output import read_manifest
+from batchscore.config import default
 
 PSI_FLOOR = 1e-4
 NONE_LABEL = "(none)"
@@ -44,10 +45,10 @@ log = logging.getLogger("batchscore")
 
 @dataclass(frozen=True)
 class Thresholds:
-    psi: float = 0.2
-    js: float = 0.1
-    error_rate: float = 0.02
-    confidence: float = 0.05
+    psi: float = default("drift_psi")
+    js: float = default("drift_js")
+    error_rate: float = default("drift_error_rate")
+    confidence: float = default("drift_confidence")
 
     @classmethod
     def from_settings(cls, settings: dict) -> Thresholds:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from batchscore import formats as _formats
+from batchscore.config import default
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,10 @@ class FeedOptions:
     """
 
     decode_on_device: bool = False
-    max_image_pixels: int = 178_956_970
-    formats: tuple[str, ...] = _formats.DEFAULT_FORMATS
-    compile: bool = False
-    decode_cpus: float = 0.5
+    max_image_pixels: int = default("max_image_pixels")
+    formats: tuple[str, ...] = default("formats")
+    compile: bool = default("compile")
+    decode_cpus: float = default("decode_cpus")
     decode_device: str = "cpu"
     # BATCHSCORE_SIZING_SECONDS (read on the driver) shortens it for benches and short runs.
     sizing_seconds: float = field(default_factory=lambda: float(os.environ.get("BATCHSCORE_SIZING_SECONDS", "30")))

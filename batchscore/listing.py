@@ -43,6 +43,7 @@ from batchscore import output
 from batchscore.config import PASSTHROUGH_FORMATS, passthrough_refused
 from batchscore.exceptions import ListingError
 from batchscore.progress import option  # messages in the caller's terms: --formats or formats
+from batchscore.config import default
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,12 @@ class ListingSpec:
     """
 
     input: tuple[str, ...]
-    input_format: str = "auto"
-    endings: frozenset[str] = formats.endings(formats.DEFAULT_FORMATS)
-    image_column: str = "image"
-    id_column: str | None = None
-    uri_column: str = "uri"
-    passthrough: tuple[str, ...] = ()
+    input_format: str = default("input_format")
+    endings: frozenset[str] = formats.endings(default("formats"))
+    image_column: str = default("image_column")
+    id_column: str | None = default("id_column")
+    uri_column: str = default("uri_column")
+    passthrough: tuple[str, ...] = default("passthrough")
 
 
 def list_inputs(spec: ListingSpec) -> list[Entry]:

@@ -21,6 +21,7 @@ import pyarrow as pa
 from batchscore import fs as fsutil
 from batchscore.errors import code_of
 from batchscore.exceptions import ConfigError
+from batchscore.config import default
 
 
 def sigmoid_head(labels: tuple[str, ...], multi_label: bool) -> bool:
@@ -33,7 +34,7 @@ class Thresholds:
     """Score thresholds of a sigmoid head: `default` for every label, `per_label` overrides
     (from the file `file`, whose sha256 is `sha256`)."""
 
-    default: float = 0.5
+    default: float = default("threshold")
     per_label: dict[str, float] = field(default_factory=dict)
     file: str | None = None
     sha256: str | None = None

@@ -36,6 +36,7 @@ from batchscore.errors import code_of, error
 from batchscore.models import local_path
 from batchscore.postprocess import Postprocessor, Thresholds
 from batchscore.progress import log_from_worker
+from batchscore.config import default
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +169,10 @@ class PredictSpec:
         task: What a row holds (`TaskSpec`: classify, embed or both).
     """
 
-    device: str = "auto"
-    dtype: str = "auto"
-    top_k: int = 5
-    batch_size: int | None = None
+    device: str = default("device")
+    dtype: str = default("dtype")
+    top_k: int = default("top_k")
+    batch_size: int | None = default("batch_size")
     thresholds: Thresholds | None = None
     feeding: feed.FeedOptions = field(default_factory=feed.FeedOptions)
     task: TaskSpec = field(default_factory=lambda: TaskSpec("classify"))

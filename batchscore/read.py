@@ -46,6 +46,7 @@ from batchscore import formats, listing
 from batchscore import fs as fsutil
 from batchscore.errors import error as _error
 from batchscore.listing import Entry
+from batchscore.config import default
 
 RETRY_BASE_SECONDS = 0.5
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -54,11 +55,11 @@ _URL_PREFIXES = ("http://", "https://", "gs://", "s3://", "file://")
 
 @dataclass(frozen=True)
 class ReadOptions:
-    image_column: str = "image"
-    id_column: str | None = None
-    passthrough: tuple[str, ...] = ()
-    retries: int = 3
-    batch_size: int = 32
+    image_column: str = default("image_column")
+    id_column: str | None = default("id_column")
+    passthrough: tuple[str, ...] = default("passthrough")
+    retries: int = default("read_retries")
+    batch_size: int = default("decode_batch_size")
 
 
 def dataset(run_listing: listing.Listing, todo: np.ndarray | None) -> ray.data.Dataset:

@@ -16,6 +16,7 @@ from ray._private.node import Node
 
 from batchscore.exceptions import ConfigError
 from batchscore.progress import bar_shown, option  # option: the caller's terms, --cpus-per-actor or cpus_per_actor=
+from batchscore.config import default
 
 log = logging.getLogger(__name__)
 
@@ -277,11 +278,11 @@ class ActorResources:
 class ActorSpec:
     """The settings that size the inference actors (as in `ScoreConfig`)."""
 
-    actors: tuple[int, int] = (1, 1)
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float | None = None
-    device: str = "auto"
-    decode_cpus: float = 0.5
+    actors: tuple[int, int] = default("actors")
+    gpus_per_actor: float | None = default("gpus_per_actor")
+    cpus_per_actor: float | None = default("cpus_per_actor")
+    device: str = default("device")
+    decode_cpus: float = default("decode_cpus")
 
 
 def actor_resources(spec: ActorSpec) -> ActorResources:
