@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from batchscore.config import ScoreConfig
+from batchscore.driver.progress import python_caller
 from batchscore.exceptions import ConfigError
-from batchscore.progress import python_caller
-from batchscore.result import RunResult
+from batchscore.outputs.result import RunResult
 
 __all__ = ["ConfigError", "RunResult", "ScoreConfig", "backfill", "nightly", "score"]
 
@@ -28,7 +28,9 @@ def score(config: ScoreConfig | str | None = None, **overrides: Any) -> RunResul
         config: A `ScoreConfig`, a path to a YAML job file, or None for defaults.
         **overrides: Settings that replace the config's (e.g. `input=[...]`, `top_k=3`).
     """
-    from batchscore import pipeline  # lazy: Ray and the stages; `import batchscore` stays light
+    from batchscore import (
+        pipeline,  # lazy: Ray and the stages; `import batchscore` stays light
+    )
 
     if config is None:
         config = ScoreConfig()
@@ -41,7 +43,9 @@ def score(config: ScoreConfig | str | None = None, **overrides: Any) -> RunResul
 def nightly(config: ScoreConfig | str, date=None, **overrides: Any) -> RunResult:
     """Scores one date partition of a job whose input and output hold `{date}` (default:
     yesterday, UTC); a committed partition is a no-op, a failed one resumes."""
-    from batchscore import schedule  # lazy: it imports the pipeline (Ray); `import batchscore` stays light
+    from batchscore import (
+        schedule,  # lazy: it imports the pipeline (Ray); `import batchscore` stays light
+    )
 
     with python_caller():
         return schedule.nightly(_config(config).with_overrides(**overrides), date)

@@ -26,13 +26,24 @@ import types
 import typing
 from typing import Any
 
-from batchscore import demo, output, plan, report
+from batchscore import demo, plan
 from batchscore.config import ScoreConfig, field_names
+from batchscore.driver.progress import LOG_FORMAT, cli_terms
+
 # The command's exit codes, defined beside the exceptions that end in them (`exit_code`).
-from batchscore.exceptions import (EXIT_BAD_JOB, EXIT_BUDGET, EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED,  # noqa: F401
-                                   EXIT_NOT_COMMITTED, EXIT_OK, BatchscoreError)
-from batchscore.lease import Lease
-from batchscore.progress import LOG_FORMAT, cli_terms
+from batchscore.exceptions import (  # noqa: F401
+    EXIT_BAD_JOB,
+    EXIT_BUDGET,
+    EXIT_BUSY,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_COMMITTED,
+    EXIT_OK,
+    BatchscoreError,
+)
+from batchscore.outputs import output
+from batchscore.outputs.lease import Lease
+from batchscore.reporting import report
 
 EXIT_HELP = """exit status:
   0  committed, or already committed (validate: every check passed; inspect: reported)

@@ -21,8 +21,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from batchscore import formats as _formats
 from batchscore.exceptions import ConfigError
+from batchscore.inputs import formats as _formats
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -111,7 +111,7 @@ class ScoreConfig:
             before any pixel is decoded. The default is the limit where Pillow itself
             refuses (twice its `MAX_IMAGE_PIXELS` warning threshold): 178,956,970 pixels,
             which takes a 100-megapixel camera frame.
-        formats: The image formats decoded (Pillow names, see `batchscore.formats.FORMATS`;
+        formats: The image formats decoded (Pillow names, see `batchscore.inputs.formats.FORMATS`;
             any case, and JPG, HEIC, TIF accepted);
             anything else is a `decode.unsupported_format` row. The default takes JPEG,
             MPO, PNG, WebP, GIF, BMP, TIFF, AVIF and HEIF; PPM, TGA, ICO and JPEG2000 are

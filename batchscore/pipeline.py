@@ -10,7 +10,7 @@
               the inputs → write the manifest (with the plan) → commit
 
 The driver plans and commits; workers read, decode, score and write. What reaches the driver
-is one small record per part file (`batchscore.run`), never the rows.
+is one small record per part file (`batchscore.driver.run`), never the rows.
 """
 
 from __future__ import annotations
@@ -27,17 +27,29 @@ import uuid
 
 import ray
 
-from batchscore import decode, device_decode, evaluation, models, output, plan, predict, read, report, resume, write
-from batchscore import fs as fsutil
-from batchscore.commit import commit
+from batchscore import plan
+from batchscore.checkpoints import models
 from batchscore.config import ScoreConfig
-from batchscore.lease import Lease
-from batchscore.listing import Listing
-from batchscore.progress import overwrite_hint
-from batchscore.result import RunResult
-from batchscore.run import Run
-from batchscore.runtime import WRITE_CPUS, WRITE_RUNTIME_ENV, actor_resources, ensure_ray, sigterm_kept
-from batchscore.staging import Staging
+from batchscore.decoding import decode, device_decode
+from batchscore.driver.progress import overwrite_hint
+from batchscore.driver.run import Run
+from batchscore.driver.runtime import (
+    WRITE_CPUS,
+    WRITE_RUNTIME_ENV,
+    actor_resources,
+    ensure_ray,
+    sigterm_kept,
+)
+from batchscore.inference import predict
+from batchscore.inputs import fs as fsutil
+from batchscore.inputs import read
+from batchscore.inputs.listing import Listing
+from batchscore.outputs import output, resume, write
+from batchscore.outputs.commit import commit
+from batchscore.outputs.lease import Lease
+from batchscore.outputs.result import RunResult
+from batchscore.outputs.staging import Staging
+from batchscore.reporting import evaluation, report
 
 log = logging.getLogger("batchscore")
 
@@ -179,7 +191,7 @@ def build_dataset(run_plan: plan.RunPlan, inputs: Listing, todo, part: write.Par
     ds = ds.map_batches(read.read_batch, fn_kwargs={"options": run_plan.read}, num_cpus=decoding.cpus,
                         batch_size=None)
     # decode_device cuda/torchvision: the CPU tasks check headers and pass JPEGs on as bytes,
-    # the actor decodes them on its device (batchscore.device_decode).
+    # the actor decodes them on its device (batchscore.decoding.device_decode).
     ds = ds.map_batches(
         decode.decode_batch if decoding.device == "cpu" else device_decode.check_batch,
         fn_kwargs=decoding.kwargs(),

@@ -25,19 +25,22 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from batchscore import device_decode, drift, evaluation, feed, models, postprocess
-from batchscore.checkpoint import CheckpointFiles, ModelInfo
+from batchscore.checkpoints import models
+from batchscore.checkpoints.checkpoint import CheckpointFiles, ModelInfo
 from batchscore.config import ScoreConfig
-from batchscore.decode import DecodeSpec
-from batchscore.evaluation import EvalSpec
+from batchscore.decoding import device_decode
+from batchscore.decoding.decode import DecodeSpec
 from batchscore.exceptions import ConfigError, ListingError, ModelError, ResumeError
-from batchscore.listing import Listing, ListingSpec, listed
-from batchscore.postprocess import Thresholds
-from batchscore.predict import PredictSpec, batch_candidates
+from batchscore.inference import feed, postprocess
+from batchscore.inference.postprocess import Thresholds
+from batchscore.inference.predict import PredictSpec, batch_candidates
+from batchscore.inputs.listing import Listing, ListingSpec, listed
+from batchscore.reporting import drift, evaluation
+from batchscore.reporting.evaluation import EvalSpec
 
 if TYPE_CHECKING:  # these import ray (~0.3 s), which `validate` does without
-    from batchscore.read import ReadOptions
-    from batchscore.runtime import ActorResources, ActorSpec
+    from batchscore.driver.runtime import ActorResources, ActorSpec
+    from batchscore.inputs.read import ReadOptions
 
 log = logging.getLogger("batchscore")
 
@@ -103,7 +106,9 @@ class JobPlan:
 
     def fingerprint(self, weights_sha256: str) -> dict:
         """What a staged run must share with this one to be resumed (`resume.fingerprint`)."""
-        from batchscore import resume  # lazy: it imports the write stage and ray, which `validate` does without
+        from batchscore.outputs import (
+            resume,  # lazy: it imports the write stage and ray, which `validate` does without
+        )
 
         return resume.fingerprint(self.settings, weights_sha256, self.thresholds_sha256)
 
@@ -155,7 +160,9 @@ def preflight(config: ScoreConfig, *, keep_going: bool = False) -> dict[str, Che
         if inputs is not None:
             log.info("listed %d inputs in %.2fs", inputs.count, checks["inputs"].seconds)
             if config.resume:  # inputs changed since the staged run began: refused now, not after Ray
-                from batchscore import resume  # lazy: it imports the write stage and ray (see `fingerprint`)
+                from batchscore.outputs import (
+                    resume,  # lazy: it imports the write stage and ray (see `fingerprint`)
+                )
 
                 run("staged run", lambda: resume.check_inputs(config.output, inputs))
     run("task", lambda: _task(config, checked), needs=("model",))
@@ -207,7 +214,9 @@ def listing_spec(config: ScoreConfig) -> ListingSpec:
 
 def actor_spec(config: ScoreConfig) -> ActorSpec:
     """What sizing the inference actors needs of `config` (`runtime.actor_resources`)."""
-    from batchscore.runtime import ActorSpec  # lazy: imports ray, which `validate` does without
+    from batchscore.driver.runtime import (
+        ActorSpec,  # lazy: imports ray, which `validate` does without
+    )
 
     return ActorSpec(actors=config.actors, gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
                      device=config.device, decode_cpus=config.decode_cpus)
@@ -258,7 +267,9 @@ class RunPlan:
 
     def task_bounds(self) -> list[int]:
         """Listing indexes where read tasks start and end (`read.task_bounds`)."""
-        from batchscore import read  # lazy: imports ray, which `validate` does without
+        from batchscore.inputs import (
+            read,  # lazy: imports ray, which `validate` does without
+        )
 
         inputs = self.job.inputs
         return read.task_bounds(inputs.count, inputs.kind != "file", max(self.batch, 8), self.files_per_block)
@@ -295,7 +306,9 @@ def physical(config: ScoreConfig, job: JobPlan, model: ModelInfo, cluster: dict[
         ConfigError: decode_device cuda for actors without a GPU.
         ModelError: an embedding the checkpoint cannot give (a pooler it lacks).
     """
-    from batchscore.read import ReadOptions  # lazy: imports ray, which `validate` does without
+    from batchscore.inputs.read import (
+        ReadOptions,  # lazy: imports ray, which `validate` does without
+    )
 
     gpus = resources.gpus
     memory = feed.accelerator_memory_gib(cluster) if gpus > 0 and config.batch_size is None else None
@@ -315,7 +328,7 @@ def physical(config: ScoreConfig, job: JobPlan, model: ModelInfo, cluster: dict[
         predict=PredictSpec(
             device=config.device, dtype=config.dtype, top_k=config.top_k, batch_size=config.batch_size,
             thresholds=job.thresholds, task=task,
-            # JPEGs decoded in the actor, copies overlapped, torch.compile (batchscore.feed)
+            # JPEGs decoded in the actor, copies overlapped, torch.compile (batchscore.inference.feed)
             feeding=feed.FeedOptions(decode_on_device=decode_device != "cpu", max_image_pixels=config.max_image_pixels,
                                      formats=config.formats, compile=config.compile, decode_cpus=config.decode_cpus,
                                      decode_device=decode_device)),

@@ -8,7 +8,7 @@ partition whose run died continues from its staged part files (`resume` is alway
 Each partition is compared with the one before it: the nearest earlier date (up to
 `LOOKBACK_DAYS` back) whose output holds a committed run is the run's `baseline` (unless the
 job sets one), so its `_report.html` shows the drift, and `nightly` and `backfill` return the
-drift figures (`batchscore.drift`).
+drift figures (`batchscore.reporting.drift`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import threading
 import time
 from collections.abc import Iterable
 
-from batchscore import drift, pipeline, plan
+from batchscore import pipeline, plan
 from batchscore.config import ScoreConfig
 from batchscore.exceptions import ConfigError
-from batchscore.output import read_manifest
+from batchscore.outputs.output import read_manifest
+from batchscore.reporting import drift
 
 log = logging.getLogger("batchscore")
 
@@ -120,7 +121,7 @@ def backfill(config: ScoreConfig, dates: Iterable[str | dt.date], parallel: int 
         already_committed, failed), rows, errors, seconds, output, error (the failure), and
         the drift against the previous committed partition: baseline (its output), psi, js,
         error_rate_change, confidence_change, drift_flagged (the figures past their
-        thresholds), drift (all figures, as `batchscore.drift.compare` returns them).
+        thresholds), drift (all figures, as `batchscore.reporting.drift.compare` returns them).
     """
     import pandas as pd  # lazy: pandas only for backfill's table
 

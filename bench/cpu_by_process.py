@@ -21,7 +21,10 @@ import subprocess
 import sys
 import time
 
-from throughput import descendants, pss_bytes  # bench/ is on sys.path when run as a script
+from throughput import (  # bench/ is on sys.path when run as a script
+    descendants,
+    pss_bytes,
+)
 
 HZ = os.sysconf("SC_CLK_TCK")
 

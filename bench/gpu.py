@@ -126,9 +126,8 @@ def source_photos() -> list:
 
 def _make_image(args) -> None:
     i, path = args
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     photos = _PHOTOS
     img = photos[i % len(photos)]
@@ -238,7 +237,7 @@ def step_forward(ctx) -> dict:
         del x
     result = {"images_per_second_by_batch": out, "best_batch": best[1], "best_images_per_second": round(best[0], 1)}
     if ctx.compile and ctx.time_left() > 200:
-        from batchscore import feed
+        from batchscore.inference import feed
 
         compiled = feed.maybe_compile(net, True)
         x = torch.randn(best[1], 3, 224, 224, device=ctx.device, dtype=ctx.dtype)
@@ -258,7 +257,7 @@ def step_forward(ctx) -> dict:
 
 
 def _decode_cpu_worker(files: list[str]) -> float:
-    from batchscore import decode
+    from batchscore.decoding import decode
 
     spec = _SPEC
     began = time.perf_counter()
@@ -275,7 +274,8 @@ def step_decode(ctx) -> dict:
     import numpy as np
     import torch
 
-    from batchscore import device_decode, models
+    from batchscore.checkpoints import models
+    from batchscore.decoding import device_decode
 
     _SPEC = spec = models.preprocess_spec(ctx.checkpoint)
     files = [str(p) for p in ctx.images[: ctx.decode_images]]
@@ -321,7 +321,8 @@ def step_fidelity(ctx) -> dict:
     import numpy as np
     import torch
 
-    from batchscore import decode, device_decode, models
+    from batchscore.checkpoints import models
+    from batchscore.decoding import decode, device_decode
 
     spec = models.preprocess_spec(ctx.checkpoint)
     # with up to 4 of the 3000x2000 ones (the CPU path decodes those at half scale: draft mode)
@@ -353,7 +354,8 @@ def step_agreement(ctx) -> dict:
     import numpy as np
     import torch
 
-    from batchscore import decode, models
+    from batchscore.checkpoints import models
+    from batchscore.decoding import decode
 
     spec = models.preprocess_spec(ctx.checkpoint)
     files = ctx.images[: ctx.fidelity_images]
@@ -544,7 +546,7 @@ def main() -> int:
     ctx.work.mkdir(parents=True, exist_ok=True)
     ctx.device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
     if ctx.device.type == "cpu":
-        from batchscore import predict
+        from batchscore.inference import predict
 
         ctx.dtype_name = "bf16" if predict.cpu_has_native_bf16() else "fp32"
     else:

@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from batchscore import emulators
+    import emulators
 
     rows = []
     for scheme in args.stores:
@@ -45,8 +45,8 @@ def main() -> None:
 
 
 def measure(scheme: str, objects: int, prefixes: int) -> tuple[float, float, float, float]:
-    from batchscore import listing
     from batchscore.config import ScoreConfig
+    from batchscore.inputs import listing
 
     fsspec.config.conf.clear()
     fs = fsspec.filesystem(scheme, skip_instance_cache=True)

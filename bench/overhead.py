@@ -288,7 +288,7 @@ def ray_footprint(lean: bool, idle: float, images: str | None, out: str | None, 
     returns the Ray processes' figures (this process, the driver, apart)."""
     import ray
 
-    from batchscore.runtime import start_local_ray
+    from batchscore.driver.runtime import start_local_ray
 
     sampler = TreeSampler(os.getpid()).start()
     t0 = time.monotonic()

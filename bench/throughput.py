@@ -189,7 +189,7 @@ def _threads() -> None:
 def _dtype(name: str):
     import torch
 
-    from batchscore.predict import resolve_runtime
+    from batchscore.inference.predict import resolve_runtime
 
     return resolve_runtime("cpu", name)[1] if name == "auto" else getattr(torch, name)
 
@@ -200,8 +200,8 @@ def variant_forward(model: str, files: list[str], batch_sizes: list[int], dtype:
     import torch
     from transformers import AutoModelForImageClassification
 
-    from batchscore import models
-    from batchscore.decode import decode_one
+    from batchscore.checkpoints import models
+    from batchscore.decoding.decode import decode_one
 
     _threads()
     info = models.resolve(model)

@@ -173,7 +173,7 @@ def object_stores(session_tmp):
     (STORAGE_EMULATOR_HOST, AWS_ENDPOINT_URL), before Ray starts, so Ray workers and CLI
     subprocesses inherit them. Model downloads go to a private cache.
     """
-    from batchscore import emulators
+    import emulators
 
     servers = [emulators.start_gcs(session_tmp / "gcs.log"), emulators.start_s3(session_tmp / "s3.log")]
     env = {k: v for server in servers for k, v in server.env.items()}
@@ -197,7 +197,7 @@ def ray_session(object_stores):
     It starts after the object stores, so its workers see their addresses."""
     import ray
 
-    from batchscore.runtime import start_local_ray
+    from batchscore.driver.runtime import start_local_ray
 
     start_local_ray(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     yield ray

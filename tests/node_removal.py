@@ -20,9 +20,10 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from batchscore import pipeline, plan, runtime
+from batchscore import pipeline, plan
 from batchscore.config import ScoreConfig
-from batchscore.runtime import loopback_only
+from batchscore.driver import runtime
+from batchscore.driver.runtime import loopback_only
 
 
 def predictors() -> list[str]:

@@ -14,10 +14,11 @@ import pytest
 from conftest import small_photos
 from PIL import Image
 
-from batchscore import decode, models, pipeline
-from batchscore.checkpoint import PreprocessSpec
+from batchscore import pipeline
+from batchscore.checkpoints import models
+from batchscore.checkpoints.checkpoint import PreprocessSpec
 from batchscore.config import ScoreConfig
-
+from batchscore.decoding import decode
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

@@ -12,9 +12,9 @@ import time
 import pytest
 
 from batchscore import pipeline
-from batchscore.budget import ErrorBudget
 from batchscore.cli import EXIT_BUDGET, _exit_code
 from batchscore.config import ScoreConfig
+from batchscore.driver.budget import ErrorBudget
 from batchscore.exceptions import ErrorBudgetExceeded
 
 

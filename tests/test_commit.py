@@ -7,9 +7,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from batchscore import commit, staging, write
-from batchscore import output as sink
 from batchscore.exceptions import SinkError
+from batchscore.outputs import commit, staging, write
+from batchscore.outputs import output as sink
 
 
 class Staged:

@@ -12,13 +12,13 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import make_checkpoint, real_photo_paths
 from PIL import Image
 
-from batchscore import decode, models
-from batchscore.checkpoint import PreprocessSpec
-from batchscore.decode import DecodeError, decode_batch, decode_one
-
-from conftest import make_checkpoint, real_photo_paths
+from batchscore.checkpoints import models
+from batchscore.checkpoints.checkpoint import PreprocessSpec
+from batchscore.decoding import decode
+from batchscore.decoding.decode import DecodeError, decode_batch, decode_one
 
 BIG = 10**9
 

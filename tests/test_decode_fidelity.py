@@ -25,8 +25,10 @@ import pytest
 from conftest import real_photo_paths
 from PIL import Image
 
-from batchscore import ScoreConfig, decode, formats, listing, pipeline
-from batchscore.checkpoint import PreprocessSpec
+from batchscore import ScoreConfig, pipeline
+from batchscore.checkpoints.checkpoint import PreprocessSpec
+from batchscore.decoding import decode
+from batchscore.inputs import formats, listing
 from batchscore.plan import listing_spec
 
 BIG_W, BIG_H = 11648, 8736  # a 100-megapixel medium-format camera frame (101.8 MP)
@@ -124,7 +126,7 @@ def test_only_batchscore_failures_are_internal_and_they_are_logged(monkeypatch, 
              "error": np.array(["", ""], dtype=object), "meta": np.array(["{}", "{}"], dtype=object)}
     clean = decode.decode_batch(batch, spec=spec(), max_image_pixels=10**8)
     monkeypatch.setattr(decode, "resize_and_crop", broken)
-    with caplog.at_level(logging.ERROR, logger="batchscore.decode"):
+    with caplog.at_level(logging.ERROR, logger="batchscore.decoding.decode"):
         out = decode.decode_batch(batch, spec=spec(), max_image_pixels=10**8)
     assert list(clean["error"]) == ["", ""]
     assert [e.split(":")[0] for e in out["error"]] == ["decode.internal", "decode.internal"]
@@ -263,8 +265,8 @@ def test_modern_formats_and_100mp_frames_match_transformers(ray_session, checkpo
 _PEAK_SCRIPT = """
 import io, sys
 from PIL import Image
-from batchscore import decode
-from batchscore.checkpoint import PreprocessSpec
+from batchscore.decoding import decode
+from batchscore.checkpoints.checkpoint import PreprocessSpec
 data = open(sys.argv[1], "rb").read()
 spec = PreprocessSpec(size=(224, 224), shortest_edge=None, interpolation="bilinear", crop=None,
                       rescale_factor=1 / 255, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from batchscore import pipeline, output as sink
+from batchscore import pipeline
 from batchscore.config import ScoreConfig
 from batchscore.errors import CODES
+from batchscore.outputs import output as sink
 
 CORPUS = Path(__file__).resolve().parent / "data" / "decoders"
 SCORED = "scored"

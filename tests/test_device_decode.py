@@ -1,4 +1,4 @@
-"""Decoding on the model's device (`batchscore.device_decode`), run here with torchvision's
+"""Decoding on the model's device (`batchscore.decoding.device_decode`), run here with torchvision's
 decode_jpeg on the CPU: the same code as on a GPU but for the device string. Pixels are
 compared with the Pillow path (`decode.decode_batch`); refused images fall back per image."""
 
@@ -10,14 +10,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import PREPROCESSOR
 from PIL import Image
 
-from batchscore import decode, device_decode, models, predict
-from batchscore.checkpoint import PreprocessSpec
+from batchscore.checkpoints import models
+from batchscore.checkpoints.checkpoint import PreprocessSpec
+from batchscore.decoding import decode, device_decode
 from batchscore.exceptions import ConfigError
-from batchscore.feed import FeedOptions
-
-from conftest import PREPROCESSOR
+from batchscore.inference import predict
+from batchscore.inference.feed import FeedOptions
 
 BIG = 10**9
 

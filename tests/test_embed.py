@@ -17,12 +17,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from batchscore import ScoreConfig, decode, models, output, pipeline, predict, timm_models
-from batchscore.checkpoint import ModelInfo, PreprocessSpec
-from batchscore.exceptions import ModelError
-
 from conftest import LABELS
+
+from batchscore import ScoreConfig, pipeline
+from batchscore.checkpoints import models, timm_models
+from batchscore.checkpoints.checkpoint import ModelInfo, PreprocessSpec
+from batchscore.decoding import decode
+from batchscore.exceptions import ModelError
+from batchscore.inference import predict
+from batchscore.outputs import output
 
 IN21K_PREPROCESSOR = {"do_normalize": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
                       "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 224,
@@ -508,7 +511,7 @@ def test_bad_timm_and_npz_checkpoints_fail_validate_with_exit_2(plain_npz, tmp_p
 
 
 def test_inspect_text_of_an_embed_only_run_names_the_task():
-    from batchscore import report
+    from batchscore.reporting import report
 
     found = {"run_id": "r", "output": "/o", "model": "m@sha256:0", "model_type": "vit", "rows": 2, "scored": 2,
              "errors": 0, "errors_by_code": {}, "images_per_second": 1.0, "total_seconds": 2.0, "files": 1,
@@ -570,7 +573,9 @@ def test_embedding_column_reads_back_without_ray(ray_session, headless, photos, 
                      "WHERE embedding IS NOT NULL").fetchall()
     assert dim == [(32,)]
 
-    from batchscore import report  # `batchscore inspect` on an embeddings output
+    from batchscore.reporting import (
+        report,  # `batchscore inspect` on an embeddings output
+    )
 
     text = report.format_report(report.inspect_output(str(out)))
     # an embed-only run says its task and has no empty "top-1 labels (0 distinct):" section

@@ -14,9 +14,9 @@ import pytest
 from sklearn import metrics
 
 import batchscore
-from batchscore import evaluation
 from batchscore.demo import SAMPLES
-from batchscore.output import read_committed
+from batchscore.outputs.output import read_committed
+from batchscore.reporting import evaluation
 
 TOL = 1e-9
 

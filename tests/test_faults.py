@@ -16,8 +16,9 @@ import pytest
 from conftest import small_photos
 from test_resume import assert_same_rows
 
-from batchscore import pipeline, runtime
+from batchscore import pipeline
 from batchscore.config import ScoreConfig
+from batchscore.driver import runtime
 
 HERE = Path(__file__).parent
 

@@ -1,4 +1,4 @@
-"""Feeding the model (`batchscore.feed`) and the sizing line (`batchscore.sizing`): chunking,
+"""Feeding the model (`batchscore.inference.feed`) and the sizing line (`batchscore.inference.sizing`): chunking,
 the copy/compute overlap order, batch candidates by GPU memory, and the decode-bound line,
 as pure logic; the CUDA staging path runs only where a GPU is."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchscore import feed, predict, sizing
+from batchscore.inference import feed, predict, sizing
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7])
@@ -46,7 +46,7 @@ def test_feeder_runs_every_chunk_in_order_on_this_device(source):
 
 def test_compile_time_is_taken_once_per_chunk_size(caplog):
     feeder = feed.Feeder(torch.device("cpu"), compiled=True)
-    with caplog.at_level("INFO", logger="batchscore.feed"):
+    with caplog.at_level("INFO", logger="batchscore.inference.feed"):
         feeder.run(np.zeros((10, 3, 2, 2), np.uint8), 4, lambda x: x)
         feeder.run(np.zeros((8, 3, 2, 2), np.uint8), 4, lambda x: x)
     assert set(feeder.compile_seconds) == {4, 2}

@@ -15,8 +15,8 @@ import os
 import re
 import shutil
 import subprocess
-import textwrap
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -24,10 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore import cli, listing, models
+from batchscore import cli
+from batchscore.checkpoints import models
+from batchscore.checkpoints.models import DEMO_CHECKPOINT
 from batchscore.config import ScoreConfig
 from batchscore.exceptions import ConfigError, ListingError, ModelError
-from batchscore.models import DEMO_CHECKPOINT
+from batchscore.inputs import listing
 from batchscore.plan import listing_spec
 
 ROOT = Path(__file__).parent.parent
@@ -201,7 +203,7 @@ def test_check_reads_a_bucket_folder_without_downloading_weights():
 def test_check_imports_neither_transformers_nor_torch(tmp_path):
     ckpt = demo_checkpoint(tmp_path / "pk")
     (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
-    code = ("import sys, time; t = time.monotonic(); from batchscore import models; "
+    code = ("import sys, time; t = time.monotonic(); from batchscore.checkpoints import models; "
             f"a = models.check(None); b = models.check({str(ckpt)!r}, allow_pickle=True); "
             "print(a.summary()); print(b.summary()); print(round(time.monotonic() - t, 3)); "
             "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'imported'")
@@ -437,7 +439,7 @@ def test_ctrl_c_is_one_line_and_exit_130(caplog):
 def test_validate_says_when_another_run_holds_the_output(tmp_path, capsys):
     """A live run's lease on the output: validate passes (the job is fine) but says that
     `score` would exit 5 now; once the lease is released it says nothing of it."""
-    from batchscore.lease import Lease
+    from batchscore.outputs.lease import Lease
 
     out = tmp_path / "out"
     args = ["validate", "--input", str(SAMPLES / "digit-0000.png"), "--output", str(out)]
@@ -467,7 +469,8 @@ def test_ctrl_c_after_the_commit_keeps_the_committed_result(tmp_path, ray_sessio
     """Interrupted while the report is written (Ctrl-C, or SIGTERM: the CLI's handler raises
     SystemExit(15)), the run is already committed: score() says so and returns it (the CLI
     exits 0), instead of "stopped: nothing committed"."""
-    from batchscore import pipeline, report
+    from batchscore import pipeline
+    from batchscore.reporting import report
 
     def interrupted(*args):
         raise stop
@@ -490,7 +493,7 @@ def test_sigterm_waits_while_ray_starts_then_exits_15(tmp_path):
     script = tmp_path / "kept.py"
     script.write_text(textwrap.dedent("""
         import ctypes, os, signal, sys, threading
-        from batchscore import runtime
+        from batchscore.driver import runtime
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(15))
         masks = []
         with runtime.sigterm_kept():

@@ -15,13 +15,13 @@ import threading
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import put
 
-from batchscore import listing, pipeline
+from batchscore import pipeline
 from batchscore.config import ScoreConfig
 from batchscore.exceptions import ListingError
+from batchscore.inputs import listing
 from batchscore.plan import listing_spec
-
-from conftest import put
 
 
 def tar_bytes(members: list[tuple[str, bytes]], mode: str = "w") -> bytes:

@@ -86,7 +86,7 @@ def test_every_row_matches_the_committed_copy(ray_session, tmp_path, case):
 def _write() -> None:
     import ray
 
-    from batchscore.runtime import start_local_ray
+    from batchscore.driver.runtime import start_local_ray
 
     start_local_ray(num_cpus=2, include_dashboard=False)
     try:

@@ -1,4 +1,4 @@
-"""batchscore.image_processors reads a preprocessor_config.json exactly as transformers does.
+"""batchscore.checkpoints.image_processors reads a preprocessor_config.json exactly as transformers does.
 
 The reference is transformers itself: `AutoImageProcessor.from_pretrained` on the same folder,
 with each backend (torchvision and PIL), for every class batchscore reads, the published
@@ -13,10 +13,10 @@ import subprocess
 import sys
 
 import pytest
-
-from batchscore import image_processors, models
-from batchscore.exceptions import ModelError
 from conftest import PREPROCESSOR
+
+from batchscore.checkpoints import image_processors, models
+from batchscore.exceptions import ModelError
 
 CASES = {
     # the published checkpoints' files (legacy feature_extractor_type, "size": int)
@@ -109,11 +109,11 @@ PIXEL_CASES = {
 @pytest.mark.parametrize("case", sorted(PIXEL_CASES))
 def test_pixels_equal_transformers_pixel_values(tmp_path, case):
     import torch
+    from conftest import real_photo_paths
     from transformers import AutoImageProcessor
     from transformers.image_utils import load_image
 
-    from batchscore.decode import decode_one
-    from conftest import real_photo_paths
+    from batchscore.decoding.decode import decode_one
 
     model_type, raw = PIXEL_CASES[case]
     path = _folder(tmp_path, model_type, raw)
@@ -130,7 +130,9 @@ def test_pixels_equal_transformers_pixel_values(tmp_path, case):
 
 
 def test_every_class_is_the_one_transformers_maps_its_model_type_to():
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.image_processing_auto import (
+        IMAGE_PROCESSOR_MAPPING_NAMES,
+    )
 
     for model_type, cls in image_processors.MODEL_TYPES.items():
         assert IMAGE_PROCESSOR_MAPPING_NAMES[model_type]["torchvision"] == cls
@@ -179,7 +181,7 @@ def test_the_driver_resolves_a_checkpoint_without_transformers_or_torch(tmp_path
     from conftest import make_checkpoint
 
     ckpt = make_checkpoint("deit", tmp_path / "ckpt")
-    code = ("import sys; from batchscore import cli, pipeline, models; "
+    code = ("import sys; from batchscore import cli, pipeline; from batchscore.checkpoints import models; "
             f"spec = models.resolve({str(ckpt)!r}).preprocess; "
             "print(spec.crop, sorted(m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -39,9 +39,9 @@ def imported(module: str, path: Path, node: ast.Import | ast.ImportFrom, modules
         base = ".".join(package + ([node.module] if node.module else []))
     found = []
     for alias in node.names:
-        if f"{base}.{alias.name}" in modules:  # `from batchscore import drift`: the module
+        if f"{base}.{alias.name}" in modules:  # `from batchscore.reporting import drift`: the module
             found.append(f"{base}.{alias.name}")
-        elif base in modules:  # `from batchscore.drift import against`: a name of the module
+        elif base in modules:  # `from batchscore.reporting.drift import against`: a name of the module
             found.append(base)
     return found
 
@@ -114,7 +114,7 @@ def describe(graph: dict[str, dict[str, str]], cycle: list[str]) -> str:
 
 def test_the_package_imports_form_no_cycle():
     graph = import_graph()
-    assert "batchscore.models" in graph and "batchscore.timm_models" in graph["batchscore.models"]
+    assert "batchscore.checkpoints.models" in graph and "batchscore.checkpoints.timm_models" in graph["batchscore.checkpoints.models"]
     found = cycles(graph)
     assert not found, "import cycle(s), imports inside functions included:\n" + "\n\n".join(
         describe(graph, c) for c in found)
@@ -201,7 +201,7 @@ def test_the_lazy_check_finds_an_unexplained_import(tmp_path):
     assert unexplained_lazy_imports(package) == ["pkg/m.py:16: from os import path", "pkg/m.py:9: import shutil"]
 
 
-@pytest.mark.parametrize("module", ["batchscore.cli", "batchscore.write", "batchscore.listing", "batchscore.report"])
+@pytest.mark.parametrize("module", ["batchscore.cli", "batchscore.outputs.write", "batchscore.inputs.listing", "batchscore.reporting.report"])
 def test_importing_the_cli_and_its_light_stages_loads_no_torch_or_transformers(module):
     """`batchscore validate` and `inspect` start in about a second: importing what they need
     must not import torch or transformers (seconds), nor Ray Data (imported by `score` only)."""

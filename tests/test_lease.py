@@ -14,11 +14,12 @@ import uuid
 import pytest
 from conftest import small_photos
 
-from batchscore import pipeline, output as sink
+from batchscore import pipeline
 from batchscore.cli import EXIT_BUSY
 from batchscore.config import ScoreConfig
 from batchscore.exceptions import OutputBusy
-from batchscore.lease import LEASE, Lease
+from batchscore.outputs import output as sink
+from batchscore.outputs.lease import LEASE, Lease
 
 
 @pytest.fixture()

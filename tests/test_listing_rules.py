@@ -15,15 +15,16 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from conftest import put, small_photos
 from PIL import Image
 
-from batchscore import listing, pipeline, read, output as sink
+from batchscore import pipeline
 from batchscore.config import ScoreConfig
 from batchscore.exceptions import ListingError
-from batchscore.staging import RUN_INFO
+from batchscore.inputs import listing, read
+from batchscore.outputs import output as sink
+from batchscore.outputs.staging import RUN_INFO
 from batchscore.plan import listing_spec
-
-from conftest import put, small_photos
 
 # Names whose own characters are glob syntax, each next to the sibling its glob would match.
 LITERAL_FILES = {  # input as written -> (its file, the sibling a glob of it matches)
@@ -93,13 +94,13 @@ def check_literal_names(root: str, scratch: Path, caplog) -> None:
 
 
 def test_local_names_with_glob_characters_are_taken_as_written(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="batchscore.listing")
+    caplog.set_level(logging.INFO, logger="batchscore.inputs.listing")
     check_literal_names(str(tmp_path / "in"), tmp_path / "scratch", caplog)
 
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
 def test_bucket_keys_with_glob_characters_are_taken_as_written(object_stores, tmp_path, caplog, scheme):
-    caplog.set_level(logging.INFO, logger="batchscore.listing")
+    caplog.set_level(logging.INFO, logger="batchscore.inputs.listing")
     root = f"{scheme}://bs-listing-rules-{scheme}/in"
     check_literal_names(root, tmp_path / "scratch", caplog)
     # A folder placeholder object (`prefix/`, zero bytes) is a folder, not a file to read.
@@ -126,7 +127,7 @@ def test_manifest_row_with_brackets_reads_that_file_not_its_sibling(tmp_path):
 
 
 def test_underscore_names_are_ordinary_and_dot_names_hidden(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="batchscore.listing")
+    caplog.set_level(logging.INFO, logger="batchscore.inputs.listing")
     names = ["_DSC0001.JPG", "_exports/IMG_0002.jpg", "IMG_0003.jpeg", "a/_b/_c.PNG",
              ".thumbs/IMG_0003.jpg", ".hidden.jpg", "a/.cache/x.jpg"]
     write_tree(str(tmp_path / "in"), jpegs(names, tmp_path / "scratch"))
@@ -165,7 +166,7 @@ def test_underscore_files_and_folders_are_scored_and_committed(underscore_run):
 
 
 def test_a_committed_runs_own_files_in_an_input_folder_are_not_listed(underscore_run, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="batchscore.listing")
+    caplog.set_level(logging.INFO, logger="batchscore.inputs.listing")
     _, output, result = underscore_run
     folder = tmp_path / "requests"
     folder.mkdir()
@@ -234,7 +235,7 @@ def test_symbolic_links_to_files_are_files_in_folders_and_globs(tmp_path, caplog
     (snap / "a.jpg").symlink_to(real / "a1")
     (tmp_path / "snap" / "more").symlink_to(real, target_is_directory=True)
     assert ids(ScoreConfig(input=(str(snap / "*.jpg"),))) == [str(snap / "a.jpg")]
-    with caplog.at_level(logging.WARNING, logger="batchscore.listing"):
+    with caplog.at_level(logging.WARNING, logger="batchscore.inputs.listing"):
         assert ids(ScoreConfig(input=(str(snap),))) == [str(snap / "a.jpg")]
     assert "not following" in caplog.text and "more" in caplog.text
 
@@ -249,7 +250,7 @@ def test_manifest_paths_are_normalized_so_one_image_is_one_row(tmp_path, caplog)
     absolute.write_text(f"uri,label\n{tmp_path}/imgs/a.jpg,first\n{tmp_path}/imgs/./b.jpg,b\n")
     relative = tmp_path / "m" / "rel.csv"
     relative.write_text("uri,label\n../imgs/a.jpg,second\n")
-    caplog.set_level(logging.WARNING, logger="batchscore.listing")
+    caplog.set_level(logging.WARNING, logger="batchscore.inputs.listing")
     entries = listing.list_inputs(listing_spec(ScoreConfig(input=(str(absolute), str(relative)), passthrough=("label",))))
     assert [(e.id, e.passthrough["label"]) for e in entries] == [
         (f"{tmp_path}/imgs/a.jpg", "first"), (f"{tmp_path}/imgs/b.jpg", "b")]

@@ -7,12 +7,12 @@ import os
 
 import fsspec
 import pytest
+from conftest import put, upload_dir
 
-from batchscore import cache, models, pipeline
+from batchscore import pipeline
+from batchscore.checkpoints import cache, models
 from batchscore.config import ScoreConfig
 from batchscore.exceptions import CacheError, ModelError
-
-from conftest import put, upload_dir
 
 
 def upload_checkpoint(local, uri: str) -> None:

@@ -7,11 +7,10 @@ import shutil
 import socket
 
 import pytest
-
-from batchscore import models
-from batchscore.exceptions import ModelError
-
 from conftest import make_checkpoint
+
+from batchscore.checkpoints import models
+from batchscore.exceptions import ModelError
 
 
 @pytest.fixture()
@@ -61,7 +60,7 @@ def test_bare_pickle_files_are_refused_with_a_hint(tmp_path, name):
 def test_allowed_pickle_checkpoint_scores_like_its_safetensors_twin(tmp_path):
     import numpy as np
 
-    from batchscore.predict import PredictSpec, Predictor
+    from batchscore.inference.predict import Predictor, PredictSpec
 
     st = make_checkpoint("vit", tmp_path / "st")
     info = models.resolve(str(pickle_twin(st, tmp_path / "pk")), allow_pickle=True)
@@ -86,7 +85,7 @@ class _Evil:
 
 
 def test_booby_trapped_pickle_is_not_executed_even_when_allowed(tmp_path):
-    from batchscore.predict import PredictSpec, Predictor
+    from batchscore.inference.predict import Predictor, PredictSpec
 
     marker = tmp_path / "pwned"
     ckpt = pickle_twin(make_checkpoint("vit", tmp_path / "m"), tmp_path / "pk", state={"w": _Evil(str(marker))})

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
-from batchscore import progress, runtime
-from batchscore.progress import Progress
-from batchscore.result import RunResult
+from batchscore.driver import progress, runtime
+from batchscore.driver.progress import Progress
+from batchscore.outputs.result import RunResult
 
 ROOT = Path(__file__).parent.parent
 SAMPLES = ROOT / "batchscore" / "demo" / "samples"
@@ -215,8 +215,8 @@ def test_worker_lines_have_no_ansi_codes_when_stderr_is_not_a_terminal(monkeypat
     printed = io.StringIO()
     # Ray's own printer of workers' lines in the driver, as its log monitor calls it.
     worker.print_worker_logs({"pid": 42, "ip": "127.0.0.1", "localhost": "127.0.0.1", "actor_name": "MapWorker",
-                              "lines": ["INFO batchscore.predict: predictor ready"]}, printed)
-    assert printed.getvalue() == "(MapWorker pid=42) INFO batchscore.predict: predictor ready\n"
+                              "lines": ["INFO batchscore.inference.predict: predictor ready"]}, printed)
+    assert printed.getvalue() == "(MapWorker pid=42) INFO batchscore.inference.predict: predictor ready\n"
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # what Ray prints without the setting
     printed = io.StringIO()
     worker.print_worker_logs({"pid": 42, "lines": ["x"]}, printed)
@@ -241,7 +241,7 @@ def test_rays_known_noise_is_dropped(caplog):
 SCRIPT = textwrap.dedent("""
     import logging, sys
     import batchscore
-    from batchscore import progress
+    from batchscore.driver import progress
 
     progress._in_notebook = lambda: True  # as in Jupyter: tqdm.auto draws the bar (here as text)
     inputs, out = sys.argv[1:-1], sys.argv[-1]

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import put, small_photos
+from emulators import free_port
 
 import batchscore
-from batchscore import schedule, output as sink
+from batchscore import schedule
 from batchscore.config import ScoreConfig
-from batchscore.emulators import free_port
 from batchscore.exceptions import ConfigError
+from batchscore.outputs import output as sink
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

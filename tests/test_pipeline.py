@@ -21,9 +21,13 @@ import pytest
 import ray
 
 import batchscore
-from batchscore import listing, models, pipeline, plan, read, runtime, write
+from batchscore import pipeline, plan
+from batchscore.checkpoints import models
 from batchscore.config import ScoreConfig
+from batchscore.driver import runtime
 from batchscore.exceptions import ConfigError, ListingError, SinkError
+from batchscore.inputs import listing, read
+from batchscore.outputs import write
 from batchscore.plan import listing_spec
 
 ROOT = Path(__file__).parent.parent
@@ -288,7 +292,7 @@ def test_actors_sized_to_leave_decode_a_cpu(ray_session, monkeypatch, caplog):
     with pytest.raises(ConfigError, match=r"fit no node of the Ray cluster \(the largest has 2 CPUs\)"):
         runtime.actor_resources(plan.actor_spec(ScoreConfig(cpus_per_actor=3)))
     monkeypatch.setattr(runtime, "_STARTED_GCS", None)  # a cluster started elsewhere
-    with caplog.at_level("WARNING", logger="batchscore.runtime"):
+    with caplog.at_level("WARNING", logger="batchscore.driver.runtime"):
         assert runtime.actor_resources(plan.actor_spec(ScoreConfig(cpus_per_actor=3))).cpus == 3
     assert any("waits until an autoscaler adds nodes" in r.getMessage() for r in caplog.records)
 

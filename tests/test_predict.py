@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from batchscore import models, predict
+from batchscore.checkpoints import models
+from batchscore.inference import predict
 
 
 @pytest.mark.parametrize("cpus, threads", [(1.0, 1), (1.5, 2), (2.0, 2)])

@@ -6,7 +6,7 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from batchscore import read
+from batchscore.inputs import read
 
 
 class FlakyFS(MemoryFileSystem):

@@ -19,7 +19,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from batchscore import ScoreConfig, decode, models, pipeline, predict
+from batchscore import ScoreConfig, pipeline
+from batchscore.checkpoints import models
+from batchscore.decoding import decode
+from batchscore.inference import predict
 
 TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
 

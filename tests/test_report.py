@@ -126,10 +126,12 @@ def commit_run(out: Path, rows: list[tuple], *, labels=("can", "carton", "jar"),
     sections from `evaluation.manifest_sections`, then `commit`. Returns the manifest."""
     import pyarrow as pa
 
-    from batchscore import evaluation, postprocess, write
-    from batchscore.commit import commit
     from batchscore.config import ScoreConfig
-    from batchscore.staging import Staging
+    from batchscore.inference import postprocess
+    from batchscore.outputs import write
+    from batchscore.outputs.commit import commit
+    from batchscore.outputs.staging import Staging
+    from batchscore.reporting import evaluation
 
     run_id = f"run-{tag[:6]}-{len(rows)}"
     config = ScoreConfig(input=("x",), output=str(out), label_source=label_source, baseline=baseline)
@@ -197,7 +199,7 @@ MULTI = [("a.jpg", ["can", "jar"], [0.9, 0.6]), ("b.jpg", [], []), ("c.jpg", ["c
 def test_inspect_multi_label_run_with_empty_label_rows(tmp_path, cli_run):
     """Rows with `labels=[]` (none above its threshold) are allowed: `inspect` counts them as
     "(none)" (text and --json), and the report renders."""
-    from batchscore import report
+    from batchscore.reporting import report
 
     out = tmp_path / "out"
     commit_run(out, MULTI)
@@ -217,7 +219,7 @@ def test_inspect_multi_label_run_with_empty_label_rows(tmp_path, cli_run):
 def test_drift_flags_a_model_change(tmp_path, cli_run):
     """A baseline scored by another model: `model_changed` with both tags, in `--json`, the
     text and the report; the same model: false."""
-    from batchscore import drift, report
+    from batchscore.reporting import drift, report
 
     commit_run(tmp_path / "old", MULTI, tag="ckpt-a@sha256:aaaa", weights="a" * 64)
     commit_run(tmp_path / "new", MULTI, tag="ckpt-b@sha256:bbbb", weights="b" * 64)
@@ -239,7 +241,7 @@ def test_drift_flags_a_model_change(tmp_path, cli_run):
 def test_explicit_baseline_without_a_committed_run_is_an_error(tmp_path, cli_run):
     """`--baseline` naming an output with no committed run: exit 6 naming it (inspect and
     report), never `drift` without `flagged`; a recorded baseline since removed: drift null."""
-    from batchscore import drift
+    from batchscore.reporting import drift
 
     missing = tmp_path / "nothing-here"
     commit_run(tmp_path / "out", MULTI, baseline=str(missing))  # as if its baseline was removed since
@@ -258,8 +260,8 @@ def test_explicit_baseline_without_a_committed_run_is_an_error(tmp_path, cli_run
 
 def test_inspect_says_how_many_rows_were_unlabelled(tmp_path):
     """The evaluation line (inspect's text and the run summary) names the unlabelled rows."""
-    from batchscore import report
-    from batchscore.result import RunResult
+    from batchscore.outputs.result import RunResult
+    from batchscore.reporting import report
 
     truth = tmp_path / "labels.csv"
     truth.write_text("file,label\na.jpg,can\nb.jpg,jar\nc.jpg,carton\n")

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import small_photos
 
-from batchscore import pipeline, resume
+from batchscore import pipeline
 from batchscore.config import ScoreConfig
 from batchscore.exceptions import ResumeError
+from batchscore.outputs import resume
 from batchscore.plan import listing_spec
 
 
@@ -148,7 +149,7 @@ def test_resume_drops_rows_of_tar_shards_it_cannot_prove_complete(ray_session, t
 def test_the_fingerprint_takes_local_paths_as_absolute(tmp_path, monkeypatch):
     """`small` typed in tmp_path and tmp_path/small are one input for --resume; `small`
     typed elsewhere is another."""
-    from batchscore import resume
+    from batchscore.outputs import resume
 
     monkeypatch.chdir(tmp_path)
     typed = resume.fingerprint(ScoreConfig(input=("small",), model="ckpt").to_dict(), "sha", None)
@@ -162,8 +163,8 @@ def test_the_fingerprint_takes_local_paths_as_absolute(tmp_path, monkeypatch):
 def test_resume_refuses_inputs_that_changed_since_the_run_started(tmp_path):
     """Parts count inputs by their position in the listing: a folder that gained a file since
     the run started would shift them, so resuming is refused and says why."""
-    from batchscore import listing
-    from batchscore.staging import Staging
+    from batchscore.inputs import listing
+    from batchscore.outputs.staging import Staging
 
     folder = tmp_path / "in"
     small_photos(folder, 5, seed=3)

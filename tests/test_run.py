@@ -6,9 +6,10 @@ import random
 
 import pytest
 
-from batchscore import run, write
+from batchscore.driver import run
 from batchscore.exceptions import SinkError
-from batchscore.listing import Entry, Listing
+from batchscore.inputs.listing import Entry, Listing
+from batchscore.outputs import write
 
 
 def files(n: int) -> Listing:

@@ -25,7 +25,7 @@ import json, os, sys, time
 import ray
 from ray._private import ray_constants
 from ray._private.node import Node
-from batchscore.runtime import start_local_ray
+from batchscore.driver.runtime import start_local_ray
 
 methods = {name: Node.__dict__[name] for name in ("start_api_server", "start_monitor")}
 started = time.monotonic()
@@ -210,7 +210,7 @@ def fake_init(monkeypatch):
 
 
 def test_lean_start_leaves_out_dashboard_monitor_metrics_and_task_events(fake_init):
-    from batchscore.runtime import IDLE_WORKER_SECONDS, start_local_ray
+    from batchscore.driver.runtime import IDLE_WORKER_SECONDS, start_local_ray
 
     start_local_ray(num_cpus=2, _system_config={"task_events_report_interval_ms": 500})
     (call,) = fake_init.calls
@@ -228,7 +228,7 @@ def test_lean_start_leaves_out_dashboard_monitor_metrics_and_task_events(fake_in
 
 @pytest.mark.parametrize("kwargs", [{"include_dashboard": True, "dashboard_port": 18265}, {"lean": False}])
 def test_a_dashboard_asked_for_or_lean_off_starts_ray_as_ray_does(fake_init, kwargs):
-    from batchscore.runtime import IDLE_WORKER_SECONDS, start_local_ray
+    from batchscore.driver.runtime import IDLE_WORKER_SECONDS, start_local_ray
 
     start_local_ray(**kwargs)
     (call,) = fake_init.calls
@@ -241,7 +241,7 @@ def test_a_dashboard_asked_for_or_lean_off_starts_ray_as_ray_does(fake_init, kwa
 def test_connecting_to_a_cluster_is_unchanged(fake_init, monkeypatch):
     import ray
 
-    from batchscore import runtime
+    from batchscore.driver import runtime
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     ctx = ray.data.DataContext.get_current()

@@ -12,11 +12,10 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from conftest import upload_dir
 
 from batchscore import pipeline
 from batchscore.config import ScoreConfig
-
-from conftest import upload_dir
 
 ROOT = Path(__file__).parent.parent
 

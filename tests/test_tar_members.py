@@ -15,15 +15,17 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import small_photos
 from PIL import Image
 
-from batchscore import errors, listing, pipeline, read, run, write
-from batchscore import output as sink
+from batchscore import errors, pipeline
 from batchscore.config import ScoreConfig
+from batchscore.driver import run
 from batchscore.exceptions import SinkError
+from batchscore.inputs import listing, read
+from batchscore.outputs import output as sink
+from batchscore.outputs import write
 from batchscore.plan import listing_spec
-
-from conftest import small_photos
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def test_image_member_lost_in_the_workers_fails_the_run(ray_session, tmp_path, p
     fails before commit: SinkError, nothing committed."""
 
     def read_batch_losing_second_images(batch, *, options):
-        from batchscore import read as worker_read
+        from batchscore.inputs import read as worker_read
 
         real = worker_read._sample_rows
 

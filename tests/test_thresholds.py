@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from batchscore import models, plan, postprocess, predict
-from batchscore.demo import SAMPLES
+from batchscore import plan
+from batchscore.checkpoints import models
 from batchscore.config import ScoreConfig
+from batchscore.demo import SAMPLES
 from batchscore.exceptions import ConfigError
-from batchscore.postprocess import Postprocessor, Thresholds
+from batchscore.inference import postprocess, predict
+from batchscore.inference.postprocess import Postprocessor, Thresholds
 
 
 def _logit(p: float) -> float:
@@ -126,10 +128,10 @@ def test_single_logit_head_is_a_sigmoid_like_transformers_pipeline(tmp_path, pho
     """A one-logit head: transformers' pipeline applies a sigmoid; so do we (threshold 0 keeps
     the label on every row, as the pipeline reports it)."""
     import transformers
+    from conftest import make_checkpoint
     from PIL import Image
 
-    from conftest import make_checkpoint
-    from batchscore import decode
+    from batchscore.decoding import decode
 
     path = make_checkpoint("vit", tmp_path / "one", num_labels=1, calibrate_on=sorted(photos.iterdir()))
     info = models.resolve(str(path))

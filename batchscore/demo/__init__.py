@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from batchscore.config import ScoreConfig
-from batchscore.result import RunResult
+from batchscore.outputs.result import RunResult
 
 HERE = Path(__file__).parent
 CHECKPOINT = HERE / "checkpoint"
@@ -40,7 +40,9 @@ class DemoResult:
 
 def run(config: ScoreConfig) -> DemoResult:
     """Scores the demo samples (unless `config` names other inputs) and measures accuracy."""
-    from batchscore import pipeline  # lazy: Ray and the stages only when the demo runs; the CLI imports this module
+    from batchscore import (
+        pipeline,  # lazy: Ray and the stages only when the demo runs; the CLI imports this module
+    )
 
     config = config.with_overrides(
         input=config.input or (str(SAMPLES),),
