@@ -44,7 +44,7 @@ def local_reference(ray_session, session_tmp, photos, checkpoints):
 
 def run_cli(ray_session, *args: str) -> subprocess.CompletedProcess:
     """The CLI in its own process, joining the session's Ray (these tests are about the
-    stores; tests/test_feedback.py runs the CLI with a Ray of its own)."""
+    stores; tests/test_bad_jobs.py runs the CLI with a Ray of its own)."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     return subprocess.run([sys.executable, "-m", "batchscore.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)

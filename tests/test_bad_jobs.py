@@ -1,4 +1,4 @@
-"""Fast feedback: a bad job fails before Ray starts, in about a second, with its
+"""Bad jobs fail fast: before Ray starts, in about a second, with their
 exit code and a message saying what and where; `validate` runs the same checks; the CLI's
 small sharp edges (repeated flags, closed pipes, `inspect` without a run, `--help`).
 
