@@ -54,6 +54,17 @@ from batchscore.reporting import evaluation, report
 log = logging.getLogger("batchscore")
 
 
+@dataclasses.dataclass
+class Attempt:
+    """This attempt at a run: its id (the run's, unless a staged run is resumed), when it
+    began (`time.monotonic()`, and as ISO 8601 UTC) and its timings in seconds."""
+
+    id: str = dataclasses.field(default_factory=lambda: _new_run_id())
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    started_at: str = dataclasses.field(default_factory=lambda: _now())
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
 def score(config: ScoreConfig) -> RunResult:
     """Scores `config.input` into `config.output` and commits the run.
 
@@ -71,8 +82,7 @@ def score(config: ScoreConfig) -> RunResult:
             nothing is committed then.
     """
     config.require_io()
-    started = time.monotonic()
-    started_at = _now()
+    attempt = Attempt()
 
     previous = output.read_manifest(config.output)
     if previous is not None and not config.overwrite:
@@ -88,12 +98,11 @@ def score(config: ScoreConfig) -> RunResult:
     # listing, task, thresholds, labels, baseline), so a bad job fails in about a second, not
     # after Ray started (5-50 s).
     job = plan.prepare(config)
-    timings = {"check_seconds": job.check_seconds, "listing_seconds": job.listing_seconds}
+    attempt.timings.update(check_seconds=job.check_seconds, listing_seconds=job.listing_seconds)
 
     # The output's lease, before Ray starts: a busy output (exit 5) or one that cannot be
     # written says so at once.
-    attempt = _new_run_id()
-    lease = Lease(config.output, attempt).acquire()
+    lease = Lease(config.output, attempt.id).acquire()
     try:
         # Ray starts (or connects) while the model is resolved (its weights hashed: ~1 s for a
         # ViT-B/16; no transformers, no torch) and Ray Data imported: Ray's start mostly waits
@@ -110,28 +119,28 @@ def score(config: ScoreConfig) -> RunResult:
         with sigterm_kept(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchscore-prepare") as pool:
             resolving = pool.submit(resolve)
             ensure_ray()
-            model, timings["model_seconds"] = resolving.result()
+            model, attempt.timings["model_seconds"] = resolving.result()
         log.info("model %s (%s, %d classes) resolved in %.2fs", model.tag, model.model_type, len(model.labels),
-                 timings["model_seconds"])
+                 attempt.timings["model_seconds"])
         # Sizes that fit no node are a bad job: raised here, before anything is staged.
         resources = actor_resources(plan.actor_spec(config))
         run_plan = plan.physical(config, job, model, ray.cluster_resources(), resources)
-        return _run(run_plan, config, attempt, lease, timings, started, started_at)
+        return _run(config, run_plan, lease, attempt)
     finally:
         lease.release()
 
 
-def _run(run_plan: plan.RunPlan, config: ScoreConfig, attempt: str, lease: Lease, timings: dict[str, float],
-         started: float, started_at: str) -> RunResult:
+def _run(config: ScoreConfig, run_plan: plan.RunPlan, lease: Lease, attempt: Attempt) -> RunResult:
     """Stages (or resumes), scores, checks and commits, holding the output's lease."""
     job, inputs = run_plan.job, run_plan.job.inputs
     fingerprint = run_plan.fingerprint()
     staged = resume.latest(config.output, fingerprint, inputs) if config.resume else None
     if config.resume and not staged:
-        log.info("resume: no staged run in %s; starting run %s", config.output, attempt)
-    run_id = staged.run_id if staged else attempt
+        log.info("resume: no staged run in %s; starting run %s", config.output, attempt.id)
+    run_id = staged.run_id if staged else attempt.id
     staging = Staging(config.output, run_id,
-                      info=None if staged else {"run_id": run_id, "started_at": started_at, "fingerprint": fingerprint,
+                      info=None if staged else {"run_id": run_id, "started_at": attempt.started_at,
+                                                "fingerprint": fingerprint,
                                                 "inputs": inputs.count, "inputs_ids_sha256": inputs.ids_sha256})
     # The listing goes to the staging folder, one row group per read task; the driver drops it.
     inputs.write(staging.fs, staging.listing_dir, run_plan.task_bounds())
@@ -158,6 +167,7 @@ def _run(run_plan: plan.RunPlan, config: ScoreConfig, attempt: str, lease: Lease
                     # leaving the loop drops its iterator, whose close shuts Ray Data's execution
                     # down (actors and their CPUs freed: tests/test_budget.py checks)
                     break
+    timings = attempt.timings
     timings["scoring_seconds"] = time.monotonic() - scoring
     run.progress.finish()  # the final progress line, once; closes a notebook's bar
     if run.budget.blown():
@@ -166,8 +176,8 @@ def _run(run_plan: plan.RunPlan, config: ScoreConfig, attempt: str, lease: Lease
 
     run.check()
     timings["first_row_seconds"] = run.progress.first_row_seconds or 0.0
-    timings["total_seconds"] = time.monotonic() - started
-    manifest = _manifest(run_plan, run, timings, started_at, resumed=staged is not None, attempt=attempt)
+    timings["total_seconds"] = time.monotonic() - attempt.started
+    manifest = _manifest(run_plan, run, attempt, resumed=staged is not None)
     commit(staging, [p["name"] for p in run.parts], manifest, check=lease.check)
     try:
         report.after_commit(config.output, config.baseline, job.drift)  # _report.html (a failure only logs)
@@ -234,9 +244,9 @@ def build_dataset(run_plan: plan.RunPlan, inputs: Listing, todo, part: write.Par
     return ds
 
 
-def _manifest(run_plan: plan.RunPlan, run: Run, timings: dict[str, float], started_at: str, resumed: bool,
-              attempt: str) -> dict:
+def _manifest(run_plan: plan.RunPlan, run: Run, attempt: Attempt, resumed: bool) -> dict:
     """Everything a reader or a later run needs to know about this run."""
+    timings = attempt.timings
     scoring, scored = timings["scoring_seconds"], run.progress.done
     budget, model, job = run.budget, run_plan.model, run_plan.job
     return {
@@ -259,9 +269,9 @@ def _manifest(run_plan: plan.RunPlan, run: Run, timings: dict[str, float], start
         "timings": {**{k: round(v, 3) for k, v in timings.items()},
                     "images_per_second": round(scored / scoring, 2) if scoring > 0 else 0.0,
                     "steady_images_per_second": round(run.progress.steady_rate, 2)},
-        "attempt": {"id": attempt, "resumed": resumed, "rows_kept": run.kept_rows, "rows_scored": scored,
+        "attempt": {"id": attempt.id, "resumed": resumed, "rows_kept": run.kept_rows, "rows_scored": scored,
                     "parts_rewritten": run.rewritten, "parts_discarded": run.discarded},
-        "started_at": started_at,
+        "started_at": attempt.started_at,
         "finished_at": _now(),
         "versions": _versions(),
         # scores (top-1 histogram, confidence, timeline), evaluation, thresholds
