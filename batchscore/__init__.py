@@ -28,9 +28,8 @@ def score(config: ScoreConfig | str | None = None, **overrides: Any) -> RunResul
         config: A `ScoreConfig`, a path to a YAML job file, or None for defaults.
         **overrides: Settings that replace the config's (e.g. `input=[...]`, `top_k=3`).
     """
-    from batchscore import (
-        pipeline,  # lazy: Ray and the stages; `import batchscore` stays light
-    )
+    # lazy: Ray and the stages; `import batchscore` stays light
+    from batchscore import pipeline
 
     if config is None:
         config = ScoreConfig()
@@ -43,9 +42,8 @@ def score(config: ScoreConfig | str | None = None, **overrides: Any) -> RunResul
 def nightly(config: ScoreConfig | str, date=None, **overrides: Any) -> RunResult:
     """Scores one date partition of a job whose input and output hold `{date}` (default:
     yesterday, UTC); a committed partition is a no-op, a failed one resumes."""
-    from batchscore import (
-        schedule,  # lazy: it imports the pipeline (Ray); `import batchscore` stays light
-    )
+    # lazy: it imports the pipeline (Ray); `import batchscore` stays light
+    from batchscore import schedule
 
     with python_caller():
         return schedule.nightly(_config(config).with_overrides(**overrides), date)

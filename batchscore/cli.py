@@ -137,7 +137,7 @@ def _checked(check: plan.Check, config: ScoreConfig) -> str:
         rows = value.known_rows if value.format == "parquet" else None
         return f"{value.count} {unit}, format {value.format}" + (f", {rows} rows" if rows is not None else "")
     if check.name == "staged run":
-        return "the staged run (if any) listed the same inputs"
+        return value
     if check.name == "task":
         task, top_k, note = value
         if task == "embed":

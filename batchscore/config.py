@@ -304,6 +304,9 @@ class ScoreConfig:
              f"decode_device: expected one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}")
         need(not (self.decode_device == "cuda" and self.device == "cpu"),
              "decode_device=cuda needs the model on a GPU, but device is cpu; use decode_device cpu or torchvision")
+        need(not (self.decode_device == "cuda" and self.gpus_per_actor == 0),
+             "decode_device=cuda needs inference actors with a GPU, but gpus_per_actor is 0; use decode_device cpu "
+             "or torchvision")
         need(self.max_image_pixels >= 1, f"max_image_pixels: expected a positive number, got {self.max_image_pixels}")
         need(self.rows_per_file is None or self.rows_per_file >= 1,
              f"rows_per_file: expected a positive number, got {self.rows_per_file}")

@@ -75,7 +75,8 @@ class JobPlan:
     """A job resolved without a cluster: what `validate` checks and `score` starts from.
 
     Attributes:
-        settings: The config as recorded in the manifest (`ScoreConfig.to_dict`).
+        settings: The config as recorded in the manifest (`ScoreConfig.to_job`: local paths
+            absolute, so a re-run from another folder compares like with like).
         checkpoint: The checkpoint's files, read without transformers (`models.check`).
         inputs: The listing of the inputs.
         task: classify, embed or classify+embed (auto resolved against the checkpoint).
@@ -106,9 +107,8 @@ class JobPlan:
 
     def fingerprint(self, weights_sha256: str) -> dict:
         """What a staged run must share with this one to be resumed (`resume.fingerprint`)."""
-        from batchscore.outputs import (
-            resume,  # lazy: it imports the write stage and ray, which `validate` does without
-        )
+        # lazy: resume imports the write stage and ray, which `validate` does without
+        from batchscore.outputs import resume
 
         return resume.fingerprint(self.settings, weights_sha256, self.thresholds_sha256)
 
@@ -152,6 +152,7 @@ def preflight(config: ScoreConfig, *, keep_going: bool = False) -> dict[str, Che
     if checked is not None:
         log.info("checkpoint %s checked in %.2fs", checked.summary(), checks["model"].seconds)
     templated = [i for i in config.input if "{date}" in i]
+    inputs = None
     if templated:
         checks["inputs"] = Check("inputs", skipped=f"{templated} hold {{date}}: listed per date by jobs/nightly.py "
                                                    "and jobs/backfill.py, not here")
@@ -159,20 +160,27 @@ def preflight(config: ScoreConfig, *, keep_going: bool = False) -> dict[str, Che
         inputs = run("inputs", lambda: listed(listing_spec(config)))
         if inputs is not None:
             log.info("listed %d inputs in %.2fs", inputs.count, checks["inputs"].seconds)
-            if config.resume:  # inputs changed since the staged run began: refused now, not after Ray
-                from batchscore.outputs import (
-                    resume,  # lazy: it imports the write stage and ray (see `fingerprint`)
-                )
-
-                run("staged run", lambda: resume.check_inputs(config.output, inputs))
     run("task", lambda: _task(config, checked), needs=("model",))
-    run("thresholds", lambda: postprocess.run_thresholds(config.threshold, config.thresholds, checked.labels,
-                                                         checked.multi_label), needs=("model",))
+    thresholds = run("thresholds", lambda: postprocess.run_thresholds(
+        config.threshold, config.thresholds, checked.labels, checked.multi_label), needs=("model",))
+    if config.resume and inputs is not None:
+        # The staged run's inputs and settings (all but the weights' hash, known once the model
+        # is resolved): refused now, not after Ray started.
+        run("staged run", lambda: _check_staged(config, inputs, thresholds), needs=("thresholds",))
     run("label source", lambda: evaluation.spec_for(config.label_source, config.label_column, checked.labels,
                                                     checked.multi_label), needs=("model",))
     # a named baseline without a committed run is a bad job, not "no drift"
     run("baseline", lambda: drift.check_baseline(config.baseline))
     return checks
+
+
+def _check_staged(config: ScoreConfig, inputs: Listing, thresholds: Thresholds | None) -> str:
+    # lazy: resume imports the write stage and ray, which `validate` does without
+    from batchscore.outputs import resume
+
+    expected = resume.fingerprint(config.to_job(), "", thresholds.sha256 if thresholds else None)
+    resume.check_staged(config.output, inputs, expected)
+    return "a staged run there (if any) has these inputs and settings"
 
 
 def prepare(config: ScoreConfig) -> JobPlan:
@@ -185,14 +193,17 @@ def prepare(config: ScoreConfig) -> JobPlan:
     for check in checks.values():
         if check.error is not None:
             raise check.error
-    if checks["inputs"].skipped:
-        raise ConfigError(f"input: {checks['inputs'].skipped.split(':')[0]}; score one date with batchscore "
-                          "nightly/backfill (or `batchscore.nightly`), which fill it in")
+    dated = [f"{name} {value!r}" for name, value in (("input", config.input), ("output", config.output),
+                                                     ("baseline", config.baseline)) if "{date}" in str(value)]
+    if dated:
+        raise ConfigError(f"{'; '.join(dated)} hold{'s' if len(dated) == 1 else ''} {{date}}: a dated job scores "
+                          "one date at a time with batchscore nightly/backfill (jobs/nightly.py, jobs/backfill.py, "
+                          "`batchscore.nightly`), which fill it in")
     task, top_k, note = checks["task"].value
     if note:
         log.warning("%s", note)
     return JobPlan(
-        settings=config.to_dict(), checkpoint=checks["model"].value, inputs=checks["inputs"].value, task=task,
+        settings=config.to_job(), checkpoint=checks["model"].value, inputs=checks["inputs"].value, task=task,
         top_k=top_k, thresholds=checks["thresholds"].value, evaluation=checks["label source"].value,
         baseline_run=checks["baseline"].value, drift=drift_thresholds(config),
         check_seconds=checks["model"].seconds, listing_seconds=checks["inputs"].seconds)
@@ -214,9 +225,8 @@ def listing_spec(config: ScoreConfig) -> ListingSpec:
 
 def actor_spec(config: ScoreConfig) -> ActorSpec:
     """What sizing the inference actors needs of `config` (`runtime.actor_resources`)."""
-    from batchscore.driver.runtime import (
-        ActorSpec,  # lazy: imports ray, which `validate` does without
-    )
+    # lazy: imports ray, which `validate` does without
+    from batchscore.driver.runtime import ActorSpec
 
     return ActorSpec(actors=config.actors, gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
                      device=config.device, decode_cpus=config.decode_cpus)
@@ -267,9 +277,8 @@ class RunPlan:
 
     def task_bounds(self) -> list[int]:
         """Listing indexes where read tasks start and end (`read.task_bounds`)."""
-        from batchscore.inputs import (
-            read,  # lazy: imports ray, which `validate` does without
-        )
+        # lazy: imports ray, which `validate` does without
+        from batchscore.inputs import read
 
         inputs = self.job.inputs
         return read.task_bounds(inputs.count, inputs.kind != "file", max(self.batch, 8), self.files_per_block)
@@ -306,9 +315,8 @@ def physical(config: ScoreConfig, job: JobPlan, model: ModelInfo, cluster: dict[
         ConfigError: decode_device cuda for actors without a GPU.
         ModelError: an embedding the checkpoint cannot give (a pooler it lacks).
     """
-    from batchscore.inputs.read import (
-        ReadOptions,  # lazy: imports ray, which `validate` does without
-    )
+    # lazy: imports ray, which `validate` does without
+    from batchscore.inputs.read import ReadOptions
 
     gpus = resources.gpus
     memory = feed.accelerator_memory_gib(cluster) if gpus > 0 and config.batch_size is None else None
@@ -326,7 +334,7 @@ def physical(config: ScoreConfig, job: JobPlan, model: ModelInfo, cluster: dict[
         decode=DecodeSpec(model.preprocess, max_image_pixels=config.max_image_pixels, formats=config.formats,
                           nice=config.decode_nice, device=decode_device, cpus=config.decode_cpus),
         predict=PredictSpec(
-            device=config.device, dtype=config.dtype, top_k=config.top_k, batch_size=config.batch_size,
+            device=config.device, dtype=config.dtype, top_k=job.top_k, batch_size=config.batch_size,
             thresholds=job.thresholds, task=task,
             # JPEGs decoded in the actor, copies overlapped, torch.compile (batchscore.inference.feed)
             feeding=feed.FeedOptions(decode_on_device=decode_device != "cpu", max_image_pixels=config.max_image_pixels,

@@ -573,9 +573,8 @@ def test_embedding_column_reads_back_without_ray(ray_session, headless, photos, 
                      "WHERE embedding IS NOT NULL").fetchall()
     assert dim == [(32,)]
 
-    from batchscore.reporting import (
-        report,  # `batchscore inspect` on an embeddings output
-    )
+    # `batchscore inspect` on an embeddings output
+    from batchscore.reporting import report
 
     text = report.format_report(report.inspect_output(str(out)))
     # an embed-only run says its task and has no empty "top-1 labels (0 distinct):" section

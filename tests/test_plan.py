@@ -14,7 +14,7 @@ import pytest
 from batchscore import pipeline, plan
 from batchscore.config import ScoreConfig, field_names
 from batchscore.demo import SAMPLES
-from batchscore.exceptions import ConfigError
+from batchscore.exceptions import ConfigError, ModelError, ResumeError
 
 PACKAGE = Path(pipeline.__file__).parent
 FIELDS = frozenset(field_names())
@@ -116,8 +116,8 @@ def test_a_dated_template_is_refused_by_score_and_reported_by_validate(tmp_path)
     config = ScoreConfig(input=(str(tmp_path / "{date}"),), output=str(tmp_path / "out" / "{date}"))
     checks = plan.preflight(config, keep_going=True)
     assert "hold {date}: listed per date" in checks["inputs"].skipped
-    with pytest.raises(ConfigError, match=r"input: \[.*\{date\}'\] hold \{date\}; score one date with batchscore "
-                                          r"nightly/backfill"):
+    with pytest.raises(ConfigError, match=r"input \(.*\{date\}',\); output '.*\{date\}' hold \{date\}: a dated "
+                                          r"job scores one date at a time with batchscore nightly/backfill"):
         plan.prepare(config)
     assert not (tmp_path / "out").exists()
 
@@ -129,3 +129,57 @@ def test_preflight_stops_at_the_first_failure_unless_told_to_keep_going(tmp_path
     every = plan.preflight(config, keep_going=True)
     assert every["model"].error is not None and every["inputs"].error is not None
     assert every["task"].skipped == "not checked (model could not be)"
+
+
+def test_resume_with_other_settings_is_refused_before_ray(tmp_path):
+    """A staged run started with other settings (here top_k) is refused by the plan, before
+    Ray starts and before the weights are hashed, by `validate` as by `score`."""
+    from batchscore.outputs.staging import Staging
+
+    config = ScoreConfig(input=(str(SAMPLES / "digit-0000.png"),), output=str(tmp_path / "out"), resume=True)
+    job = plan.prepare(config)
+    Staging(config.output, "20261207T000000Z-aaaaaaaa",
+            info={"run_id": "r", "fingerprint": job.fingerprint("w"), "inputs": job.inputs.count,
+                  "inputs_ids_sha256": job.inputs.ids_sha256})
+    assert plan.prepare(config).inputs.count == 1  # the same settings: resumable
+    with pytest.raises(ResumeError, match=r"started with other settings \(top_k: was 5, now 3\)"):
+        plan.prepare(config.with_overrides(top_k=3))
+    checks = plan.preflight(config.with_overrides(top_k=3), keep_going=True)
+    assert isinstance(checks["staged run"].error, ResumeError)
+
+
+def test_a_committed_run_is_compared_with_paths_as_typed_anywhere_and_with_its_thresholds(tmp_path, monkeypatch):
+    """The manifest records local paths absolute: the same job typed from another folder is no
+    change; another thresholds file or default threshold is one."""
+    from batchscore.outputs import resume
+
+    (tmp_path / "photos").mkdir()
+    monkeypatch.chdir(tmp_path)
+    recorded = ScoreConfig(input=("photos",), output="out", thresholds="t.yaml").to_job()
+    monkeypatch.chdir(tmp_path.parent)
+    again = ScoreConfig(input=(f"{tmp_path.name}/photos",), output=f"{tmp_path.name}/out",
+                        thresholds=f"{tmp_path.name}/t.yaml")
+    assert resume.differences(recorded, again.to_job()) == {}
+    assert set(resume.differences(recorded, again.with_overrides(threshold=0.7).to_job())) == {"threshold"}
+    assert set(resume.differences(recorded, again.with_overrides(thresholds="other.yaml").to_job())) == {"thresholds"}
+
+
+def test_bad_jobs_found_without_a_cluster(tmp_path):
+    """Found by the plan, before Ray: a safetensors file cut short, decode on a GPU for actors
+    without one, a dated output or baseline outside a dated job."""
+    import shutil
+
+    from batchscore.checkpoints.models import DEMO_CHECKPOINT
+
+    cut = Path(shutil.copytree(DEMO_CHECKPOINT, tmp_path / "cut"))
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    image = (str(SAMPLES / "digit-0000.png"),)
+    with pytest.raises(ModelError, match=r"model.safetensors: not a safetensors file \(it is cut short"):
+        plan.prepare(ScoreConfig(input=image, output=str(tmp_path / "o"), model=str(cut)))
+    with pytest.raises(ConfigError, match="decode_device=cuda needs inference actors with a GPU"):
+        ScoreConfig(decode_device="cuda", gpus_per_actor=0)
+    for dated in ({"output": str(tmp_path / "{date}")}, {"output": str(tmp_path / "o"), "baseline": "b/{date}"}):
+        with pytest.raises(ConfigError, match=r"hold[s]? \{date\}: a dated job scores one date at a time"):
+            plan.prepare(ScoreConfig(input=image, **dated))
+    assert not list(tmp_path.glob("o*")) and not (tmp_path / "{date}").exists()

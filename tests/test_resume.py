@@ -182,4 +182,5 @@ def test_resume_refuses_inputs_that_changed_since_the_run_started(tmp_path):
     with pytest.raises(ResumeError, match=r"its inputs changed since it started \(5 listed then, 6 now"):
         resume.latest(config.output, fingerprint, listing.listed(listing_spec(config)))
     with pytest.raises(ResumeError, match=r"its inputs changed since it started"):
-        resume.check_inputs(config.output, listing.listed(listing_spec(config)))  # what `score` checks before Ray starts
+        # what `score` checks before Ray starts
+        resume.check_staged(config.output, listing.listed(listing_spec(config)), fingerprint)

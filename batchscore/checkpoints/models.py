@@ -269,7 +269,14 @@ def _weight_names(path: Path, weights: str) -> dict[str, tuple[int, ...] | None]
             if not 0 < n <= min(size - 8, 100 * 2**20):
                 raise ValueError(f"it declares a header of {n} bytes in a file of {size}")
             header = json.loads(f.read(n))
-            return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            # Each tensor's bytes end at its data_offsets[1]: a file cut short (an interrupted
+            # copy) holds fewer, which safetensors would only find in the actors.
+            end = 8 + n + max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+            if end > size:
+                raise ValueError(f"it is cut short: its header places tensor data up to byte {end}, but the file "
+                                 f"has {size} bytes")
+            return {k: tuple(v["shape"]) for k, v in tensors.items()}
         except (ValueError, KeyError, TypeError) as e:
             f.seek(0)
             lfs = f.read(40).startswith(b"version https://git-lfs")

@@ -432,9 +432,8 @@ def resize_target(hw: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
 def _center_crop(t, crop: tuple[int, int], offsets: str = "floor"):
     """transformers' torchvision-backend centre crop: zero-pad when smaller, then int offsets;
     `offsets="round"` rounds them as torchvision's `CenterCrop` does (timm checkpoints)."""
-    from torchvision.transforms.v2 import (
-        functional as F,  # lazy: as in resize_and_crop_tensor
-    )
+    # lazy: as in resize_and_crop_tensor
+    from torchvision.transforms.v2 import functional as F
 
     ch, cw = crop
     h, w = t.shape[-2:]

@@ -40,9 +40,8 @@ class DemoResult:
 
 def run(config: ScoreConfig) -> DemoResult:
     """Scores the demo samples (unless `config` names other inputs) and measures accuracy."""
-    from batchscore import (
-        pipeline,  # lazy: Ray and the stages only when the demo runs; the CLI imports this module
-    )
+    # lazy: Ray and the stages only when the demo runs; the CLI imports this module
+    from batchscore import pipeline
 
     config = config.with_overrides(
         input=config.input or (str(SAMPLES),),

@@ -204,9 +204,8 @@ class Progress:
 
 
 def _new_bar(total: int | None):
-    from tqdm.auto import (
-        tqdm,  # lazy: tqdm only where a bar is drawn; `import batchscore` imports this module
-    )
+    # lazy: tqdm only where a bar is drawn; `import batchscore` imports this module
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="images", desc="batchscore", dynamic_ncols=True, leave=True)
 

@@ -38,9 +38,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from batchscore.config import PASSTHROUGH_FORMATS, default, passthrough_refused
-from batchscore.driver.progress import (
-    option,  # messages in the caller's terms: --formats or formats
-)
+from batchscore.driver.progress import option  # messages in the caller's terms: --formats or formats
 from batchscore.exceptions import ListingError
 from batchscore.inputs import formats
 from batchscore.inputs import fs as fsutil

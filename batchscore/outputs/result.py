@@ -37,9 +37,8 @@ class RunResult:
         return self.rows - self.errors
 
     def to_arrow(self):
-        from batchscore.outputs.output import (
-            read_committed,  # lazy: pyarrow and fsspec; `import batchscore` stays light
-        )
+        # lazy: pyarrow and fsspec; `import batchscore` stays light
+        from batchscore.outputs.output import read_committed
 
         return read_committed(self.output)
 

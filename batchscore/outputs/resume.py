@@ -42,6 +42,9 @@ RESULT_SETTINGS = ("input", "input_format", "image_column", "id_column", "uri_co
                    "allow_pickle", "top_k", "dtype", "max_image_pixels", "extensions", "formats",
                    "task", "embed_pool", "embed_normalize", "embed_dtype", "model_arch",
                    "decode_device")  # JPEG decoders differ slightly (docs/architecture.md)
+# Multi-label rows hold the labels at or above their thresholds: these decide rows too. The
+# fingerprint holds the file's contents (sha256); a committed run is compared by the file named.
+THRESHOLD_SETTINGS = ("threshold", "thresholds")
 
 
 def fingerprint(settings: dict, weights_sha256: str, thresholds_sha256: str | None) -> dict:
@@ -67,8 +70,11 @@ def differences(previous: dict, settings: dict) -> dict[str, tuple]:
     """{setting: (then, now)} for the result settings in which a committed run's recorded
     config (`previous`, from its manifest) differs from `settings` (`ScoreConfig.to_dict()`;
     local paths compared absolute)."""
-    now = _result_settings(settings)
-    then = _result_settings(previous)
+    now = {**_result_settings(settings), **{k: settings.get(k) for k in THRESHOLD_SETTINGS}}
+    then = {**_result_settings(previous), **{k: previous[k] for k in THRESHOLD_SETTINGS if k in previous}}
+    for k in ("thresholds",):
+        for side in (now, then):
+            side[k] = side.get(k) and _absolute(side[k])
     return {k: (then[k], now[k]) for k in then if then[k] != now[k]}
 
 
@@ -85,7 +91,18 @@ def latest(output: str, expected: dict, inputs: Listing | None = None) -> Staged
     if not runs:
         return None
     run = runs[-1]
+    _same_settings(run, output, expected)
+    if inputs is not None:
+        _same_inputs(run, output, inputs)
+    return run
+
+
+def _same_settings(run: StagedRun, output: str, expected: dict, keys: set[str] | None = None) -> None:
+    """Raises `ResumeError` unless `run` was started with the fingerprint `expected` (only its
+    `keys`, given)."""
     found = run.info.get("fingerprint")
+    if keys is not None and found:
+        found, expected = {k: found.get(k) for k in keys}, {k: expected.get(k) for k in keys}
     if found != expected:
         if not found:
             raise ResumeError(f"cannot resume run {run.run_id} in {output}: its {RUN_INFO} is missing or "
@@ -95,16 +112,15 @@ def latest(output: str, expected: dict, inputs: Listing | None = None) -> Staged
         details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ResumeError(f"cannot resume run {run.run_id} in {output}: it was started with other settings "
                           f"({details}); re-run with the same settings, or without --resume to start a new run")
-    if inputs is not None:
-        _same_inputs(run, output, inputs)
-    return run
 
 
-def check_inputs(output: str, inputs: Listing) -> None:
+def check_staged(output: str, inputs: Listing, expected: dict) -> None:
     """Before Ray starts: raises `ResumeError` if the newest staged run of `output` listed
-    other inputs (`latest` checks the settings and weights once the model is resolved)."""
+    other inputs, or was started with other settings than the fingerprint `expected` (all but
+    the weights' hash, which `latest` checks once the model is resolved)."""
     runs = staged_runs(output)
     if runs:
+        _same_settings(runs[-1], output, expected, keys=set(expected) - {"weights_sha256"})
         _same_inputs(runs[-1], output, inputs)
 
 

@@ -229,10 +229,9 @@ def _num(v, digits: int = 3) -> str:
 
 
 def _figure(width: float, height: float):
+    # No pyplot: no global backend, safe in threads and notebooks.
     # lazy: matplotlib only when a page is drawn (`prepare` loads it in the background during a run)
-    from matplotlib.figure import (
-        Figure,  # no pyplot: no global backend, safe in threads and notebooks
-    )
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=96)
     return fig, fig.add_subplot()
