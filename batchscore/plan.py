@@ -114,8 +114,8 @@ class JobPlan:
 
 
 def preflight(config: ScoreConfig, *, keep_going: bool = False) -> dict[str, Check]:
-    """Runs the checks a job needs before Ray starts, in order: model, inputs, staged run
-    (with `resume`), task, thresholds, label source, baseline.
+    """Runs the checks a job needs before Ray starts, in order: model, inputs, task,
+    thresholds, staged run (with `resume`: its inputs and settings), label source, baseline.
 
     Args:
         keep_going: Run every check even after one failed (`validate`); otherwise stop at the

@@ -54,7 +54,8 @@ def date_range(start: str | dt.date, end: str | dt.date) -> list[dt.date]:
 
 
 def for_date(config: ScoreConfig, date: str | dt.date) -> ScoreConfig:
-    """The config of one partition: `{date}` filled in `input` and `output`, resume on."""
+    """The config of one partition: `{date}` filled in `input`, `output` and a `baseline` that
+    holds it (the same date of another output: another model's, say), resume on."""
     day = parse_date(date).isoformat()
     if "{date}" not in config.output:
         raise ConfigError(f"output: a dated job needs '{{date}}' in its output template so partitions do not "
@@ -63,7 +64,8 @@ def for_date(config: ScoreConfig, date: str | dt.date) -> ScoreConfig:
         raise ConfigError(f"input: a dated job needs '{{date}}' in an input template; got {list(config.input)}")
     try:
         return config.with_overrides(input=tuple(i.format(date=day) for i in config.input),
-                                     output=config.output.format(date=day), resume=True)
+                                     output=config.output.format(date=day), resume=True,
+                                     baseline=config.baseline and config.baseline.format(date=day))
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"input/output templates may only use {{date}}: {e!r}") from None
 

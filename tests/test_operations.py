@@ -154,6 +154,10 @@ def test_dated_jobs_need_date_templates():
         schedule.date_range("11/01/2026", "2026-11-02")
     assert [d.isoformat() for d in schedule.date_range("2026-10-30", "2026-11-01")] == \
         ["2026-10-30", "2026-10-31", "2026-11-01"]
+    # a baseline may name the same date of another output (another model's), filled in like the rest
+    day = schedule.for_date(ScoreConfig(input=("a/dt={date}",), output="o/{date}", baseline="old/{date}"), "2026-11-01")
+    assert (day.input, day.output, day.baseline) == (("a/dt=2026-11-01",), "o/2026-11-01", "old/2026-11-01")
+    assert schedule.for_date(ScoreConfig(input=("a/{date}",), output="o/{date}"), "2026-11-01").baseline is None
 
 
 # -- inspect ------------------------------------------------------------------------------
