@@ -71,6 +71,10 @@ def test_parts_that_come_together_give_no_rate():
     clock.now = 11.0
     p.update(100, 0)
     assert p.line() == "progress: 228/360 images (63.3%), 0 errors, 64.0 images/s, eta 2s"
+    assert p.steady_rate == 0.0  # three parts within 2 s of an 11 s run: too little of it for a steady rate
+    clock.now = 20.0
+    p.update(132, 0)
+    assert p.steady_rate == pytest.approx((360 - 100) / (20 - 9))
 
 
 def test_eta_follows_the_pace_of_the_last_minute():

@@ -146,10 +146,13 @@ class Progress:
     @property
     def steady_rate(self) -> float:
         """Rows per second between the first and the last part written (start-up excluded);
-        0.0 (not measured) with fewer than three parts: between two parts that arrive together
-        the "rate" is noise (131,019 images/s was recorded once)."""
+        0.0 (not measured) with fewer than three parts, or when they span less than
+        MIN_RATE_SPAN_SECONDS or a quarter of the time to the last part: parts that arrive
+        together at the end of a short run give noise, not a rate (4,161 images/s for a run
+        of 142, docs/benchmarks.md)."""
         span = self.last_row_seconds - (self.first_row_seconds or 0.0)
-        return (self.done - self.first_batch_rows) / span if span > 0 and self.updates >= 3 else 0.0
+        enough = span >= max(MIN_RATE_SPAN_SECONDS, self.last_row_seconds / 4)
+        return (self.done - self.first_batch_rows) / span if enough and self.updates >= 3 else 0.0
 
     @property
     def elapsed(self) -> float:
