@@ -152,6 +152,10 @@ def preflight(config: ScoreConfig, *, keep_going: bool = False) -> dict[str, Che
     if checked is not None:
         log.info("checkpoint %s checked in %.2fs", checked.summary(), checks["model"].seconds)
     templated = [i for i in config.input if "{date}" in i]
+    if _dated(config) and not templated:  # a dated job is one with dated inputs (`schedule.for_date`)
+        checks["dates"] = Check("dates", error=ConfigError(
+            f"{_dated(config)} hold {{date}}, but no input does: a dated job needs '{{date}}' in an input template "
+            "as well, or none of them for a plain run"))
     inputs = None
     if templated:
         checks["inputs"] = Check("inputs", skipped=f"{templated} hold {{date}}: listed per date by jobs/nightly.py "
@@ -193,12 +197,9 @@ def prepare(config: ScoreConfig) -> JobPlan:
     for check in checks.values():
         if check.error is not None:
             raise check.error
-    dated = [f"{name} {value!r}" for name, value in (("input", config.input), ("output", config.output),
-                                                     ("baseline", config.baseline)) if "{date}" in str(value)]
-    if dated:
-        raise ConfigError(f"{'; '.join(dated)} hold{'s' if len(dated) == 1 else ''} {{date}}: a dated job scores "
-                          "one date at a time with batchscore nightly/backfill (jobs/nightly.py, jobs/backfill.py, "
-                          "`batchscore.nightly`), which fill it in")
+    if _dated(config):
+        raise ConfigError(f"{_dated(config)} hold {{date}}: a dated job scores one date at a time with batchscore "
+                          "nightly/backfill (jobs/nightly.py, jobs/backfill.py, `batchscore.nightly`), which fill it in")
     task, top_k, note = checks["task"].value
     if note:
         log.warning("%s", note)
@@ -207,6 +208,13 @@ def prepare(config: ScoreConfig) -> JobPlan:
         top_k=top_k, thresholds=checks["thresholds"].value, evaluation=checks["label source"].value,
         baseline_run=checks["baseline"].value, drift=drift_thresholds(config),
         check_seconds=checks["model"].seconds, listing_seconds=checks["inputs"].seconds)
+
+
+def _dated(config: ScoreConfig) -> str:
+    """The settings holding `{date}`, said as "input [...], output '...'" ("" when none)."""
+    return ", ".join(f"{name} {value!r}" for name, value in (
+        ("input", list(config.input)), ("output", config.output), ("baseline", config.baseline))
+        if "{date}" in str(value))
 
 
 def _task(config: ScoreConfig, checked: CheckpointFiles) -> tuple[str, int, str | None]:

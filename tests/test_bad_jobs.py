@@ -110,13 +110,18 @@ def _missing_labels_file(tmp):
     return ["--label-source", tmp / "labels.csv"], rf"label_source: cannot read labels file {tmp}/labels.csv"
 
 
+def _dated_output_of_a_plain_job(tmp):
+    return ["--output", tmp / "out" / "{date}"], r"output '.*/out/\{date\}' hold \{date\}, but no input does"
+
+
 def _baseline_without_a_run(tmp):
     return ["--baseline", tmp / "yesterday"], rf"baseline {tmp}/yesterday: no committed run there"
 
 
 @pytest.mark.parametrize("case", [_missing_model, _no_preprocessor, _pickle_only, _missing_input, _wrong_format,
                                   _header_only_manifest, _passthrough_on_images, _mistyped_key,
-                                  _thresholds_for_softmax, _missing_labels_file, _baseline_without_a_run],
+                                  _thresholds_for_softmax, _missing_labels_file, _baseline_without_a_run,
+                                  _dated_output_of_a_plain_job],
                          ids=lambda f: f.__name__.lstrip("_"))
 def test_bad_job_fails_before_ray_with_exit_2_and_validate_refuses_it_alike(tmp_path, case):
     """`score` refuses a bad job before Ray (exit 2, one ERROR line, nothing written), and

@@ -116,7 +116,7 @@ def test_a_dated_template_is_refused_by_score_and_reported_by_validate(tmp_path)
     config = ScoreConfig(input=(str(tmp_path / "{date}"),), output=str(tmp_path / "out" / "{date}"))
     checks = plan.preflight(config, keep_going=True)
     assert "hold {date}: listed per date" in checks["inputs"].skipped
-    with pytest.raises(ConfigError, match=r"input \(.*\{date\}',\); output '.*\{date\}' hold \{date\}: a dated "
+    with pytest.raises(ConfigError, match=r"input \[.*\{date\}'\], output '.*\{date\}' hold \{date\}: a dated "
                                           r"job scores one date at a time with batchscore nightly/backfill"):
         plan.prepare(config)
     assert not (tmp_path / "out").exists()
@@ -180,6 +180,8 @@ def test_bad_jobs_found_without_a_cluster(tmp_path):
     with pytest.raises(ConfigError, match="decode_device=cuda needs inference actors with a GPU"):
         ScoreConfig(decode_device="cuda", gpus_per_actor=0)
     for dated in ({"output": str(tmp_path / "{date}")}, {"output": str(tmp_path / "o"), "baseline": "b/{date}"}):
-        with pytest.raises(ConfigError, match=r"hold[s]? \{date\}: a dated job scores one date at a time"):
-            plan.prepare(ScoreConfig(input=image, **dated))
+        config = ScoreConfig(input=image, **dated)
+        with pytest.raises(ConfigError, match=r"hold \{date\}, but no input does"):
+            plan.prepare(config)
+        assert "but no input does" in str(plan.preflight(config, keep_going=True)["dates"].error)  # validate too
     assert not list(tmp_path.glob("o*")) and not (tmp_path / "{date}").exists()
