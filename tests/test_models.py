@@ -21,7 +21,8 @@ def no_network(monkeypatch):
 
 
 def test_hub_id_is_an_error_not_a_download(no_network):
-    with pytest.raises(ModelError, match=r"does not exist or is not a directory \(batchscore never downloads"):
+    with pytest.raises(ModelError, match=r"does not exist or is not a directory \(looked for /.*/google/"
+                                         r"vit-base-patch16-224\) \(batchscore never downloads"):
         models.resolve("google/vit-base-patch16-224")
 
 

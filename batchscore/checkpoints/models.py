@@ -340,8 +340,9 @@ def _file_names(path: Path) -> set[str]:
 
 
 def _not_a_folder(ref: str | None, where) -> str:
+    looked = "" if "://" in str(where) or Path(where).is_absolute() else f" (looked for {Path(where).absolute()})"
     return (f"model {ref!r}: expected a local Hugging Face checkpoint directory or a gs:// or s3:// URI of one, "
-            f"but {where} does not exist or is not a directory (batchscore never downloads from a hub)")
+            f"but {where} does not exist or is not a directory{looked} (batchscore never downloads from a hub)")
 
 
 def _check_files(ref: str | None, where: str, names: set[str], read, allow_pickle: bool) -> CheckpointFiles:
