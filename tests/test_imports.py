@@ -210,3 +210,13 @@ def test_importing_the_cli_and_its_light_stages_loads_no_torch_or_transformers(m
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", f"import {module} loaded {proc.stdout.strip()}"
+
+
+@pytest.mark.parametrize("module", ["batchscore.cli", "batchscore.plan"])
+def test_validate_and_the_plan_do_without_ray(module):
+    """`validate` (the CLI) and the plan's checks need no cluster, so they do not import Ray
+    (~0.3 s); `score` imports it when it starts Ray."""
+    code = f"import sys, {module}; print('ray' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False", f"import {module} imported ray"
