@@ -33,13 +33,7 @@ from batchscore.config import ScoreConfig
 from batchscore.decoding import decode, device_decode
 from batchscore.driver.progress import overwrite_hint
 from batchscore.driver.run import Run
-from batchscore.driver.runtime import (
-    WRITE_CPUS,
-    WRITE_RUNTIME_ENV,
-    actor_resources,
-    ensure_ray,
-    sigterm_kept,
-)
+from batchscore.driver.runtime import WRITE_CPUS, WRITE_RUNTIME_ENV, actor_resources, ensure_ray, sigterm_kept
 from batchscore.inference import predict
 from batchscore.inputs import fs as fsutil
 from batchscore.inputs import read

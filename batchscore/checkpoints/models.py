@@ -36,12 +36,7 @@ from pathlib import Path
 from packaging.version import Version
 
 from batchscore.checkpoints import cache, image_processors, timm_models
-from batchscore.checkpoints.checkpoint import (
-    CheckpointFiles,
-    ModelInfo,
-    PreprocessSpec,
-    TaskSpec,
-)
+from batchscore.checkpoints.checkpoint import CheckpointFiles, ModelInfo, PreprocessSpec, TaskSpec
 from batchscore.exceptions import CacheError, ModelError
 from batchscore.inference.postprocess import Postprocessor
 from batchscore.inputs import fs as fsutil
