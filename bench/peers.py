@@ -57,32 +57,15 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 from overhead import TreeSampler  # noqa: E402  (bench/ helpers)
-from throughput import PREPROCESSOR, machine  # noqa: E402
+from throughput import machine, make_checkpoint  # noqa: E402
 
-MODELS = {
-    "vit-ti16": {"hidden_size": 192, "num_attention_heads": 3, "intermediate_size": 768},
-    "near-free": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-}
+MODELS = ("vit-ti16", "near-free")  # checkpoints made as bench/throughput.py makes them
 VARIANTS = ("loop", "ray_data", "ray_data_4", "daft", "batchscore")
 BATCH = 100  # the published scripts' batch size
 SIZE = 224
 
 
 # -- inputs ---------------------------------------------------------------------------------
-
-def make_checkpoint(kind: str, path: Path) -> Path:
-    if (path / "model.safetensors").exists():
-        return path
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    labels = {i: f"class_{i}" for i in range(1000)}
-    config = ViTConfig(**MODELS[kind], num_labels=1000, id2label=labels, label2id={v: k for k, v in labels.items()})
-    ViTForImageClassification(config).eval().save_pretrained(path, safe_serialization=True)
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
-    return path
-
 
 def make_inputs(folder: Path, n: int) -> Path:
     """n distinct 500x375 JPEGs cut from real photos, and `urls.parquet` listing them (`image_url`)."""

@@ -44,6 +44,8 @@ MODELS = {
     "vit-b16": {},
     "vit-ti16": {"hidden_size": 192, "num_attention_heads": 3, "intermediate_size": 768},
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    # one layer of width 32: decode and the framework are the cost, as with a real model on a GPU (bench/peers.py)
+    "near-free": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
 }
 PREPROCESSOR = {"do_normalize": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
                 "resample": 2, "size": 224, "feature_extractor_type": "ViTFeatureExtractor"}
