@@ -67,15 +67,18 @@ def _result_settings(settings: dict) -> dict:
 
 
 def differences(previous: dict, settings: dict) -> dict[str, tuple]:
-    """{setting: (then, now)} for the result settings in which a committed run's recorded
-    config (`previous`, from its manifest) differs from `settings` (`ScoreConfig.to_dict()`;
-    local paths compared absolute)."""
-    now = {**_result_settings(settings), **{k: settings.get(k) for k in THRESHOLD_SETTINGS}}
-    then = {**_result_settings(previous), **{k: previous[k] for k in THRESHOLD_SETTINGS if k in previous}}
-    for k in ("thresholds",):
-        for side in (now, then):
-            side[k] = side.get(k) and _absolute(side[k])
-    return {k: (then[k], now[k]) for k in then if then[k] != now[k]}
+    """{setting: (then, now)} for the settings that decide rows (the result settings and the
+    thresholds) in which a committed run's recorded config (`previous`, from its manifest)
+    differs from `settings` (`ScoreConfig.to_job()`; local paths compared absolute)."""
+    then, now = _compared(previous), _compared(settings)
+    return {k: (then[k], now[k]) for k in then if k in now and then[k] != now[k]}
+
+
+def _compared(settings: dict) -> dict:
+    out = {**_result_settings(settings), **{k: settings[k] for k in THRESHOLD_SETTINGS if k in settings}}
+    if out.get("thresholds"):
+        out["thresholds"] = _absolute(out["thresholds"])
+    return out
 
 
 def _absolute(path: str) -> str:
